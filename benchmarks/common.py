@@ -1,0 +1,81 @@
+"""Timing helpers shared by the benchmark scripts (GPU machine).
+
+Each measured call runs ``repeat`` times inside one jitted function on
+slightly different inputs (so XLA can neither merge nor hoist the calls), and
+the function is dispatched back to back; the time per call is the median
+over rounds of wall time / (calls * repeat). This keeps launch and dispatch
+gaps out of the figure without needing CUDA events from JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def device_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return jax.devices()[0].device_kind
+
+
+def time_per_call(fn, args, *, vary=0, repeat=8, calls=10, rounds=5) -> float:
+    """Seconds per call of ``fn(*args)``; ``args[vary]`` is perturbed per repeat."""
+
+    def many(*a):
+        outs = []
+        for i in range(repeat):
+            b = list(a)
+            b[vary] = b[vary] + jnp.asarray(i * 1e-3, b[vary].dtype)
+            outs.append(fn(*b))
+        return outs
+
+    f = jax.jit(many)
+    jax.block_until_ready(f(*args))
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / (calls * repeat))
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes=2 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read plus written."""
+    x = jnp.zeros(nbytes // 4, jnp.uint32)
+    t = time_per_call(lambda a: a ^ jnp.uint32(0x5A5A5A5A), [x], vary=0, repeat=4, calls=5)
+    return 2 * nbytes / t
+
+
+def parse_args(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the markdown table")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    return p.parse_args()
+
+
+def write_table(path, title, command, header, rows, notes=""):
+    """Writes one markdown section (title, date, device, command, table) and prints it."""
+    lines = [f"## {title}", "",
+             f"{datetime.date.today().isoformat()}, {device_name()}, jax {jax.__version__}, "
+             f"python {platform.python_version()}; command: `{command}`", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    if notes:
+        lines += ["", notes]
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)

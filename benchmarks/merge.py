@@ -1,0 +1,31 @@
+"""merge_states on the GPU: jaxinfer's kernel vs the jnp reference (XLA-fused).
+
+Memory-bound: bytes = every state read once + the result written once.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+from common import copy_bandwidth, parse_args, time_per_call, write_table
+
+import jaxinfer
+from jaxinfer import reference
+
+args = parse_args(__doc__)
+ceiling = copy_bandwidth()
+rows = []
+shapes = [(4096, 2, 32, 128), (16384, 4, 32, 128), (512, 16, 32, 128)]
+for tokens, n, heads, dim in shapes[:1] if args.quick else shapes:
+    key = jax.random.key(0)
+    v = jax.random.normal(key, (tokens, n, heads, dim), jnp.bfloat16)
+    s = jax.random.normal(key, (tokens, n, heads), jnp.float32)
+    nbytes = v.nbytes + s.nbytes + v.nbytes // n + s.nbytes // n
+    row = [f"{tokens} x {n} states x {heads}x{dim}"]
+    for fn in (jaxinfer.merge_states, reference.merge_states):
+        t = time_per_call(fn, [v, s], vary=1)
+        row.append(f"{t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s ({nbytes / t / ceiling:.0%})")
+    rows.append(row)
+write_table(os.path.join(args.out, "merge.md"), "merge_states (bf16)", "bash scripts/gpu_check.sh",
+            ["shape", "jaxinfer", "jnp reference (XLA)"], rows,
+            f"Copy ceiling measured in the same run: {ceiling / 1e12:.2f} TB/s (read + write).")

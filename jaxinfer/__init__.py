@@ -1,0 +1,14 @@
+"""jaxinfer: LLM-serving attention and sampling kernels for JAX.
+
+Every op is a plain function usable inside ``jax.jit``. On a CUDA GPU it
+lowers to a jaxinfer custom call (XLA FFI); on the CPU to a C++ handler or,
+where none exists, to the pure-jnp reference in ``jaxinfer.reference``.
+Pass ``implementation="reference"`` to any op to force the jnp path.
+"""
+
+from jaxinfer import reference
+from jaxinfer.merge import merge_state, merge_states
+
+__version__ = "0.1.0"
+
+__all__ = ["merge_state", "merge_states", "reference"]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one GPU-machine script: builds jaxinfer from this working tree, runs the
+# GPU tests and the benchmarks, and prints a short table last.
+#
+# From the repository root on the development machine (the nvidia-cutlass
+# wheel is carried, since the GPU machine has no network):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
+#   device run: command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600
+# Optional: PYTEST_ARGS="-k decode" BENCH="decode" to narrow the run.
+set -uo pipefail
+OUT=${OUT:-/tmp/jaxinfer-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps --no-compile --target /tmp/jaxinfer . \
+  > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+# PYTHONSAFEPATH keeps the source tree (which has no compiled modules) off sys.path.
+export PYTHONPATH=/tmp/jaxinfer:/tmp/site PYTHONSAFEPATH=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, jaxinfer._ffi as f; print('jax', jax.__version__, jax.devices(), f.family_platforms('merge'))"
+
+# Every test but the reference's own (CPU semantics, covered by CI) runs on the GPU.
+python3 -m pytest -q -x tests --ignore=tests/test_reference.py ${PYTEST_ARGS:-} 2>&1 \
+  | tee "$OUT/pytest.log" | tail -25
+test_status=${PIPESTATUS[0]}
+
+for b in ${BENCH:-merge}; do
+  (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT") > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
+done
+echo "=========================== summary ==========================="
+cat "$OUT"/*.md 2>/dev/null
+echo "pytest exit status: $test_status"
+exit "$test_status"
