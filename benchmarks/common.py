@@ -1,10 +1,12 @@
 """Timing helpers shared by the benchmark scripts (GPU machine).
 
-Each measured call runs ``repeat`` times inside one jitted function on
-slightly different inputs (so XLA can neither merge nor hoist the calls), and
-the function is dispatched back to back; the time per call is the median
-over rounds of wall time / (calls * repeat). This keeps launch and dispatch
-gaps out of the figure without needing CUDA events from JAX.
+Each measured call runs ``repeat`` times in sequence inside one jitted
+function, separated by ``lax.optimization_barrier`` (so XLA can neither merge
+identical calls nor fuse one repeat's reads into another's), and that
+function is dispatched back to back; the time per call is the median over
+rounds of wall time / (calls * repeat). This keeps dispatch gaps out of the
+figure without CUDA events. Inputs are re-read each repeat: working sets
+under the 50 MB L2 are measured warm, so benchmarks use larger ones or say so.
 """
 
 from __future__ import annotations
@@ -29,16 +31,15 @@ def device_name() -> str:
         return jax.devices()[0].device_kind
 
 
-def time_per_call(fn, args, *, vary=0, repeat=8, calls=10, rounds=5) -> float:
-    """Seconds per call of ``fn(*args)``; ``args[vary]`` is perturbed per repeat."""
+def time_per_call(fn, args, *, repeat=8, calls=10, rounds=5) -> float:
+    """Seconds per call of ``fn(*args)`` on the default device."""
 
     def many(*a):
-        outs = []
-        for i in range(repeat):
-            b = list(a)
-            b[vary] = b[vary] + jnp.asarray(i * 1e-3, b[vary].dtype)
-            outs.append(fn(*b))
-        return outs
+        out = None
+        for _ in range(repeat):
+            a, out = jax.lax.optimization_barrier((a, out))
+            out = fn(*a)
+        return out
 
     f = jax.jit(many)
     jax.block_until_ready(f(*args))
@@ -55,7 +56,7 @@ def time_per_call(fn, args, *, vary=0, repeat=8, calls=10, rounds=5) -> float:
 def copy_bandwidth(nbytes=2 << 30) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read plus written."""
     x = jnp.zeros(nbytes // 4, jnp.uint32)
-    t = time_per_call(lambda a: a ^ jnp.uint32(0x5A5A5A5A), [x], vary=0, repeat=4, calls=5)
+    t = time_per_call(lambda a: a ^ jnp.uint32(0x5A5A5A5A), [x], repeat=4, calls=5)
     return 2 * nbytes / t
 
 

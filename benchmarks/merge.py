@@ -23,7 +23,7 @@ for tokens, n, heads, dim in shapes[:1] if args.quick else shapes:
     nbytes = v.nbytes + s.nbytes + v.nbytes // n + s.nbytes // n
     row = [f"{tokens} x {n} states x {heads}x{dim}"]
     for fn in (jaxinfer.merge_states, reference.merge_states):
-        t = time_per_call(fn, [v, s], vary=1)
+        t = time_per_call(fn, [v, s])
         row.append(f"{t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s ({nbytes / t / ceiling:.0%})")
     rows.append(row)
 write_table(os.path.join(args.out, "merge.md"), "merge_states (bf16)", "bash scripts/gpu_check.sh",

@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, jaxinfer._ffi as f; print('jax', jax.__version__, jax.devices(), f.family_platforms('merge'))"
 
 # Every test but the reference's own (CPU semantics, covered by CI) runs on the GPU.
-python3 -m pytest -q -x tests --ignore=tests/test_reference.py ${PYTEST_ARGS:-} 2>&1 \
+XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests/test_reference.py ${PYTEST_ARGS:-} 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 

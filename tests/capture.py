@@ -17,33 +17,35 @@ import tempfile
 import textwrap
 
 
-def _dumps(script: str) -> tuple[str, str]:
-    """Runs ``script`` with XLA dumping; returns (optimised HLO, thunk sequences)."""
+def _dumps(script: str, module: str) -> tuple[str, str]:
+    """Runs ``script`` with XLA dumping; returns (optimised HLO, thunk sequence) of jit_<module>."""
     with tempfile.TemporaryDirectory() as dump:
-        env = dict(os.environ)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
                             " --xla_gpu_graph_min_graph_size=1").strip()
         subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, check=True,
                        timeout=600)
 
-        def read(pattern):
-            texts = []
-            for path in sorted(glob.glob(os.path.join(dump, pattern))):
-                with open(path) as f:
-                    texts.append(f"==> {os.path.basename(path)}\n{f.read()}")
-            return "\n".join(texts)
+        def read(suffix):
+            paths = sorted(glob.glob(os.path.join(dump, f"*.jit_{module}.*{suffix}")))
+            assert paths, f"no dump *.jit_{module}.*{suffix}; found {sorted(os.listdir(dump))[:20]}"
+            with open(paths[-1]) as f:
+                return f.read()
 
-        return read("*after_optimizations.txt"), read("*thunk_sequence_after_thunk_passes.txt")
+        return read("after_optimizations.txt"), read("thunk_sequence_after_thunk_passes.txt")
 
 
-def assert_captured(script: str, target: str) -> None:
-    """Asserts a command-buffer thunk in the dumps of ``script`` holds a call to ``target``."""
-    hlo, thunks = _dumps(script)
-    assert thunks, "no thunk-sequence dump was written (is this jax >= 0.11 on a GPU?)"
-    names = re.findall(r"%?([\w.\-]+) = [^\n]*custom_call_target=\"" + re.escape(target) + '"', hlo)
-    assert names, f"no custom call to {target} in the optimised HLO:\n{hlo[:4000]}"
-    # A command buffer thunk lists the thunks it holds on the lines below it.
-    blocks = [b for b in re.split(r"\n(?=\S)", thunks) if re.search(r"command.?buffer", b, re.I)]
-    captured = [n for n in names if any(re.search(re.escape(n) + r"\b", b) for b in blocks)]
-    assert captured, (f"{target} ({names}) not inside a command buffer; thunk dumps:\n"
-                      f"{thunks[:8000]}")
+def assert_captured(script: str, module: str, target: str) -> None:
+    """Asserts every custom call of ``jit_<module>`` (run by ``script``) sits in a command buffer.
+
+    The thunk dump names custom-call thunks only ``kCustomCall``, so the
+    optimised HLO must show that the module's custom calls are all ``target``.
+    """
+    hlo, thunks = _dumps(script, module)
+    targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo))
+    assert targets and all(t.startswith(target) for t in targets), (targets, hlo[:4000])
+    # Top-level thunks start at column 0; the thunks a command buffer holds are indented under it.
+    top_level = [line for line in thunks.splitlines() if re.match(r"\d+: ", line)]
+    inside = [line for line in thunks.splitlines() if re.match(r"\s+\d+: kCustomCall", line)]
+    assert not any("kCustomCall" in line for line in top_level), thunks
+    assert any("kCommandBuffer" in line for line in top_level) and inside, thunks

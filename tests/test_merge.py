@@ -109,4 +109,4 @@ def test_gpu_merge_is_captured_in_a_command_buffer():
         f = jax.jit(step)
         for _ in range(3):
             jax.block_until_ready(f(v, s))
-    """, "jaxinfer_merge_state")
+    """, module="step", target="jaxinfer_merge_state")
