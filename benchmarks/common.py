@@ -35,11 +35,13 @@ def time_per_call(fn, args, *, repeat=8, calls=10, rounds=5) -> float:
     """Seconds per call of ``fn(*args)`` on the default device."""
 
     def many(*a):
-        out = None
+        outs = []
         for _ in range(repeat):
-            a, out = jax.lax.optimization_barrier((a, out))
-            out = fn(*a)
-        return out
+            # The barrier makes each repeat's inputs new values that depend on the
+            # previous output; returning every output keeps each repeat alive.
+            a, outs = jax.lax.optimization_barrier((a, outs))
+            outs = outs + [fn(*a)]
+        return outs
 
     f = jax.jit(many)
     jax.block_until_ready(f(*args))
