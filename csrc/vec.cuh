@@ -51,15 +51,15 @@ __device__ __forceinline__ void store_float(T* __restrict__ dst, const float (&s
 
 template <typename T> struct TypeTag { using type = T; };
 
-// Calls f(TypeTag<T>{}) with T the CUDA type of dtype: the one place where a
+// Returns f(TypeTag<T>{}) with T the CUDA type of dtype: the one place where a
 // runtime dtype becomes a template parameter. In f: `using T = typename
 // decltype(tag)::type;`.
 template <typename F>
-__host__ void dispatch_dtype(DType dtype, F&& f) {
+__host__ auto dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: f(TypeTag<float>{}); break;
-    case DType::kFloat16: f(TypeTag<__half>{}); break;
-    case DType::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    case DType::kFloat16: return f(TypeTag<__half>{});
+    case DType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+    default: return f(TypeTag<float>{});
   }
 }
 

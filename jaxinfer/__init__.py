@@ -7,8 +7,9 @@ Pass ``implementation="reference"`` to any op to force the jnp path.
 """
 
 from jaxinfer import reference
+from jaxinfer.decode import DecodePlan, batch_decode, plan_decode
 from jaxinfer.merge import merge_state, merge_states
 
 __version__ = "0.1.0"
 
-__all__ = ["merge_state", "merge_states", "reference"]
+__all__ = ["DecodePlan", "batch_decode", "merge_state", "merge_states", "plan_decode", "reference"]

@@ -220,8 +220,8 @@ def paged_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
 
     q [total_q, Hq, D]; paged_kv_cache: (k_cache, v_cache) or one array, see the
     module docstring; qo_indptr [B + 1], kv_indptr [B + 1], kv_indices
-    [num_used_pages], kv_last_page_len [B], all int32. Page indices outside the
-    cache are clamped here (the kernels document their own behaviour).
+    [num_used_pages], kv_last_page_len [B], all int32. Keys in a page whose index
+    lies outside the cache are ignored (as in the kernels).
     Returns o [total_q, Hq, D] (and lse [total_q, Hq], base 2).
     """
     opts = AttentionOptions(**options)
@@ -240,10 +240,11 @@ def paged_attention(q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, kv_last
     k = k_cache[kv_indices].reshape(-1, *k_cache.shape[2:])
     v = v_cache[kv_indices].reshape(-1, *v_cache.shape[2:])
     page_seq, page_off = _segments(kv_indptr, kv_indices.shape[0])
+    page_ok = (kv_indices >= 0) & (kv_indices < k_cache.shape[0])
     k_seq = jnp.repeat(page_seq, page_size)
     k_pos = (jnp.repeat(page_off, page_size) * page_size
              + jnp.tile(jnp.arange(page_size, dtype=jnp.int32), kv_indices.shape[0]))
-    k_valid = k_pos < kv_lens.at[k_seq].get(mode="fill", fill_value=0)
+    k_valid = (k_pos < kv_lens.at[k_seq].get(mode="fill", fill_value=0)) & jnp.repeat(page_ok, page_size)
 
     q_seq, q_off = _segments(qo_indptr, q.shape[0])
     qo_lens = qo_indptr[1:] - qo_indptr[:-1]

@@ -30,7 +30,7 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
-for b in ${BENCH:-merge}; do
+for b in ${BENCH:-merge decode}; do
   (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT") > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
 done
 echo "=========================== summary ==========================="

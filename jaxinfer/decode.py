@@ -1,0 +1,218 @@
+"""Paged-KV batch decode: plan once per step on the host, run per layer in jit.
+
+>>> plan = jaxinfer.plan_decode(kv_indptr, kv_indices, kv_last_page_len, page_size=16,
+...                             num_kv_heads=8, max_batch=256, max_pages=65536)
+>>> out = jax.jit(step)(q, kv_cache, plan)   # step calls jaxinfer.batch_decode(q, kv_cache, plan)
+
+The plan is a pytree of int32 numpy arrays whose shapes depend only on the
+static capacities (``max_batch``, ``max_pages`` and the work-item capacity
+derived from them), so a jitted step compiles once and replays for any mix
+of sequence lengths. It carries the padded page table and the split-KV work
+items: each request's keys are cut into chunks of one common size chosen so
+that the GPU gets about one full wave of CTAs (see ``chunk_size``); each
+chunk is one work item, and a merge kernel combines each request's partial
+outputs by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import _ffi, reference
+from jaxinfer._checks import Shapes
+
+TILE_KEYS = 64  # keys per kernel pipeline stage: chunk sizes are multiples of it
+KERNEL_HEAD_DIMS = (64, 128, 256)
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+H100_SMS = 132
+
+
+class DecodePlan(NamedTuple):
+    """Static-shape decode plan (all int32). ``B = max_batch``, ``W = work capacity``."""
+
+    kv_indptr: np.ndarray         # [B + 1], padded with its last value
+    kv_indices: np.ndarray        # [max_pages], zero past kv_indptr[-1]
+    kv_last_page_len: np.ndarray  # [B], 1 for padding requests
+    item_request: np.ndarray      # [W], -1 for unused items
+    item_kv_start: np.ndarray     # [W], first key of the item's chunk
+    item_kv_end: np.ndarray       # [W], one past its last key
+    merge_indptr: np.ndarray      # [B + 1]: items of request b are merge_indptr[b]..[b+1]
+
+
+def ctas_per_sm(head_dim: int) -> int:
+    """CTAs of the decode kernel resident per SM: its shared memory allows 2 up to D=128."""
+    return 1 if head_dim >= 256 else 2
+
+
+def work_capacity(max_batch: int, num_kv_heads: int, *, num_sms: int = H100_SMS,
+                  head_dim: int = 128) -> int:
+    """Static number of work items: one per request, or one wave of CTAs if larger."""
+    return max(max_batch, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
+
+
+def wave_items(num_kv_heads: int, *, num_sms: int = H100_SMS, head_dim: int = 128) -> int:
+    """Work items that fill the GPU once: each item runs one CTA per KV head."""
+    return max(1, num_sms * ctas_per_sm(head_dim) // num_kv_heads)
+
+
+def chunk_size(kv_lens: np.ndarray, target_items: int) -> int:
+    """Keys per work item, a multiple of TILE_KEYS.
+
+    With B requests and ``total`` keys, chunks of ``C`` keys give at most
+    ``B + total / C`` items; C = total / (target - B) keeps that within one
+    wave. When the batch alone fills the wave, requests are not split.
+    """
+    batch = kv_lens.shape[0]
+    if batch >= target_items:
+        chunk = int(kv_lens.max(initial=0))
+    else:
+        chunk = -(-int(kv_lens.sum()) // (target_items - batch))
+    return max(TILE_KEYS, -(-chunk // TILE_KEYS) * TILE_KEYS)
+
+
+def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_kv_heads: int,
+                max_batch: int, max_pages: int, head_dim: int = 128,
+                num_sms: int = H100_SMS) -> DecodePlan:
+    """Builds a DecodePlan on the host (numpy only, no device work).
+
+    Args:
+      kv_indptr: int [B + 1], kv_indices: int [>= kv_indptr[-1]], kv_last_page_len: int [B]:
+        the step's CSR page table (see ``jaxinfer.reference``), B <= max_batch. An int32
+        kv_indices already of length max_pages is used without a copy (the cheap way).
+      page_size, num_kv_heads, head_dim: of the cache (they set the CTA count per item).
+      max_batch, max_pages: static capacities; the plan's shapes depend on nothing else.
+      num_sms: multiprocessors of the GPU (132 on an H100 SXM).
+    """
+    indptr = np.asarray(kv_indptr, np.int32)
+    last = np.asarray(kv_last_page_len, np.int32)
+    indices = np.asarray(kv_indices, np.int32)
+    batch = indptr.shape[0] - 1
+    if indptr.ndim != 1 or batch < 0 or batch > max_batch:
+        raise ValueError(f"kv_indptr: expected shape [B + 1] with B <= max_batch={max_batch}, "
+                         f"got {indptr.shape}")
+    if last.shape != (batch,):
+        raise ValueError(f"kv_last_page_len: expected shape [B={batch}], got {last.shape}")
+    if indices.ndim != 1 or indices.shape[0] > max_pages or indices.shape[0] < indptr[-1]:
+        raise ValueError(f"kv_indices: expected shape [>= kv_indptr[-1]={indptr[-1]}, "
+                         f"<= max_pages={max_pages}], got {indices.shape}")
+
+    # Every step below is one vectorised numpy call: the whole plan costs tens of microseconds.
+    num_pages = indptr[1:] - indptr[:-1]
+    kv_lens = np.maximum(num_pages - 1, 0) * page_size + last * (num_pages > 0)
+    chunk = chunk_size(kv_lens, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
+    chunks = np.maximum(1, -(-kv_lens // chunk))  # a request with no keys still gets an item
+    capacity = work_capacity(max_batch, num_kv_heads, num_sms=num_sms, head_dim=head_dim)
+
+    merge_indptr = np.zeros(max_batch + 1, np.int32)
+    np.cumsum(chunks, out=merge_indptr[1:batch + 1])
+    num_items = int(merge_indptr[batch])
+    merge_indptr[batch + 1:] = num_items
+    assert num_items <= capacity, (num_items, capacity)
+
+    items = np.zeros((3, capacity), np.int32)  # request, kv_start, kv_end
+    items[0, num_items:] = -1
+    request = np.repeat(np.arange(batch, dtype=np.int32), chunks)
+    start = (np.arange(num_items, dtype=np.int32) - merge_indptr[request]) * chunk
+    items[0, :num_items] = request
+    items[1, :num_items] = start
+    np.minimum(start + chunk, kv_lens[request], out=items[2, :num_items])
+
+    padded_indptr = np.full(max_batch + 1, indptr[-1], np.int32)
+    padded_indptr[:batch + 1] = indptr
+    padded_indices = indices  # a page table kept at its static capacity is used as is
+    if indices.shape[0] < max_pages:
+        padded_indices = np.zeros(max_pages, np.int32)
+        padded_indices[:indices.shape[0]] = indices
+    padded_last = np.ones(max_batch, np.int32)
+    padded_last[:batch] = last
+    return DecodePlan(padded_indptr, padded_indices, padded_last, *items, merge_indptr)
+
+
+def _split_cache(paged_kv_cache, kv_layout, dims: Shapes, q):
+    """Checks the cache; returns (k, v, page_size) with k = v = the array for a combined cache."""
+    if kv_layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
+    page = ("page_size", "num_kv_heads") if kv_layout == "NHD" else ("num_kv_heads", "page_size")
+    if isinstance(paged_kv_cache, (tuple, list)):
+        k, v = paged_kv_cache
+        dims.check("k_cache", k, ("num_pages", *page, "head_dim"), (q.dtype,))
+        dims.check("v_cache", v, ("num_pages", *page, "head_dim"), (q.dtype,))
+    else:
+        k = v = dims.check("paged_kv_cache", paged_kv_cache, ("num_pages", 2, *page, "head_dim"),
+                           (q.dtype,))
+    return k, v
+
+
+def batch_decode(q, paged_kv_cache, plan: DecodePlan, *, kv_layout="NHD", sm_scale=None,
+                 logits_soft_cap=0.0, window_left=-1, alibi_slopes=None, rope=False,
+                 rope_scale=1.0, rope_theta=1e4, return_lse=False, implementation=None):
+    """Decode attention: one query token per request over a paged KV cache.
+
+    Args:
+      q: [max_batch, num_qo_heads, head_dim], bfloat16 or float16 (float32 runs the reference).
+      paged_kv_cache: (k_cache, v_cache), each [num_pages, page_size, num_kv_heads, head_dim]
+        ("NHD") or [num_pages, num_kv_heads, page_size, head_dim] ("HND"), or one array
+        [num_pages, 2, ...]; q's dtype.
+      plan: from ``plan_decode`` (numpy or device arrays; a pytree, pass it through jit).
+      sm_scale (default 1/sqrt(head_dim)), logits_soft_cap, window_left, alibi_slopes
+        [num_qo_heads] float32, rope / rope_scale / rope_theta: see ``jaxinfer.reference``.
+      return_lse: also return the log-sum-exp, BASE 2.
+      implementation: None (custom call when available), "ffi" or "reference".
+    Returns:
+      o [max_batch, num_qo_heads, head_dim] in q's dtype (zeros for padding rows and
+      requests with no keys), and lse [max_batch, num_qo_heads] float32 (-inf there).
+    Keys in pages whose index lies outside the cache are ignored, as are keys a
+    request's page list does not hold; nothing is read out of bounds.
+    """
+    dims = Shapes()
+    dims.check("q", q, ("max_batch", "num_qo_heads", "head_dim"),
+               (jnp.bfloat16, jnp.float16, jnp.float32))
+    k, v = _split_cache(paged_kv_cache, kv_layout, dims, q)
+    if dims.dims["num_qo_heads"] % dims.dims["num_kv_heads"]:
+        raise ValueError(f"q: num_qo_heads={dims.dims['num_qo_heads']} must be a multiple of "
+                         f"num_kv_heads={dims.dims['num_kv_heads']}")
+    int32 = (jnp.int32,)
+    dims.check("plan.kv_indptr", plan.kv_indptr, (dims.dims["max_batch"] + 1,), int32)
+    dims.check("plan.kv_indices", plan.kv_indices, ("max_pages",), int32)
+    dims.check("plan.kv_last_page_len", plan.kv_last_page_len, ("max_batch",), int32)
+    for name in ("item_request", "item_kv_start", "item_kv_end"):
+        dims.check(f"plan.{name}", getattr(plan, name), ("work_items",), int32)
+    dims.check("plan.merge_indptr", plan.merge_indptr, (dims.dims["max_batch"] + 1,), int32)
+    if alibi_slopes is not None:
+        dims.check("alibi_slopes", alibi_slopes, ("num_qo_heads",), (jnp.float32,))
+    if rope and dims.dims["head_dim"] % 2:
+        raise ValueError(f"rope: needs an even head_dim, got {dims.dims['head_dim']}")
+    head_dim = dims.dims["head_dim"]
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    options = dict(sm_scale=sm_scale, logits_soft_cap=float(logits_soft_cap),
+                   window_left=int(window_left), alibi_slopes=alibi_slopes, rope=bool(rope),
+                   rope_scale=float(rope_scale), rope_theta=float(rope_theta))
+
+    kernel_ok = head_dim in KERNEL_HEAD_DIMS and np.dtype(q.dtype) in map(np.dtype, KERNEL_DTYPES)
+    if implementation == "ffi" and not kernel_ok:
+        raise ValueError(f"implementation='ffi': the decode kernel takes head_dim in "
+                         f"{KERNEL_HEAD_DIMS} and bfloat16/float16, got {head_dim}, {q.dtype}")
+    if not (_ffi.use_ffi("decode", implementation) and kernel_ok):
+        cache = (k, v) if k is not v else k
+        return reference.paged_decode(q, cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
+                                      kv_layout=kv_layout, return_lse=return_lse, **options)
+
+    batch, heads = q.shape[:2]
+    items = plan.item_request.shape[0]
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads), jnp.float32),
+                 jax.ShapeDtypeStruct((items, heads, head_dim), jnp.float32),  # workspace
+                 jax.ShapeDtypeStruct((items, heads), jnp.float32))            # workspace
+    slopes = jnp.zeros((heads,), jnp.float32) if alibi_slopes is None else alibi_slopes
+    o, lse, _, _ = jax.ffi.ffi_call("jaxinfer_batch_decode", out_types, vmap_method="sequential")(
+        q, k, v, slopes, *plan,
+        kv_layout=np.int32(kv_layout == "HND"), sm_scale=np.float32(sm_scale),
+        logits_soft_cap=np.float32(logits_soft_cap), window_left=np.int32(window_left),
+        use_alibi=np.int32(alibi_slopes is not None), rope=np.int32(bool(rope)),
+        rope_scale=np.float32(rope_scale), rope_theta=np.float32(rope_theta))
+    return (o, lse) if return_lse else o

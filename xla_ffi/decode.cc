@@ -1,0 +1,126 @@
+// FFI handler for paged-KV batch decode (CUDA only; the CPU path is the
+// jnp reference). Decodes buffers and attributes into DecodeParams; every
+// size comes from static shapes, the plan stays on the device.
+#include "csrc/decode.h"
+#include "xla_ffi/common.h"
+
+namespace jaxinfer {
+namespace {
+
+namespace ffi = xla::ffi;
+namespace nb = nanobind;
+using ffi_util::invalid;
+using I32 = ffi::Buffer<ffi::S32>;
+
+#ifdef JAXINFER_WITH_CUDA
+// q [batch, Hq, D]. Caches: k, v [pages, page_size, Hkv, D] ("NHD", kv_layout = 0) or
+// [pages, Hkv, page_size, D] ("HND", 1); or one [pages, 2, ...] array passed as both k and v.
+ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                      ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes, I32 kv_indptr,
+                      I32 kv_indices, I32 kv_last_page_len, I32 item_request, I32 item_kv_start,
+                      I32 item_kv_end, I32 merge_indptr, ffi::Result<ffi::AnyBuffer> o,
+                      ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> partial_o,
+                      ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, int32_t kv_layout, float sm_scale,
+                      float logits_soft_cap, int32_t window_left, int32_t use_alibi, int32_t rope,
+                      float rope_scale, float rope_theta) {
+  const auto dtype = ffi_util::to_dtype(q.element_type());
+  const auto qd = q.dimensions();
+  const auto kd = k_cache.dimensions();
+  const bool combined = kd.size() == 5;
+  if (!dtype || k_cache.element_type() != q.element_type() || qd.size() != 3 ||
+      (kd.size() != 4 && !combined)) {
+    return invalid("decode: q must be [batch, heads, dim] and the caches 4-d (or one 5-d) of q's dtype");
+  }
+  // Page-relative dims, dropping the combined cache's K/V axis.
+  const int64_t pages = kd[0];
+  const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
+  const bool nhd = kv_layout == 0;
+  const int64_t page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
+
+  DecodeParams p{};
+  p.dtype = *dtype;
+  p.batch = static_cast<int>(qd[0]);
+  p.num_qo_heads = static_cast<int>(qd[1]);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.page_size = static_cast<int>(page_size);
+  p.num_items = static_cast<int>(item_request.element_count());
+  p.num_pages = pages;
+  p.num_kv_indices = kv_indices.element_count();
+  if (qd[2] != head_dim || p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
+    return invalid("decode: q and cache head dims disagree, or num_qo_heads % num_kv_heads != 0");
+  }
+  p.q = q.untyped_data();
+  p.k = k_cache.untyped_data();
+  p.v = combined ? static_cast<const char*>(p.k) + (k_cache.size_bytes() / pages / 2)
+                 : v_cache.untyped_data();
+  p.stride_page = (combined ? 2 : 1) * page_size * num_kv_heads * head_dim;
+  p.stride_slot = nhd ? num_kv_heads * head_dim : head_dim;
+  p.stride_head = nhd ? head_dim : page_size * head_dim;
+  p.kv_indptr = kv_indptr.typed_data();
+  p.kv_indices = kv_indices.typed_data();
+  p.kv_last_page_len = kv_last_page_len.typed_data();
+  p.item_request = item_request.typed_data();
+  p.item_kv_start = item_kv_start.typed_data();
+  p.item_kv_end = item_kv_end.typed_data();
+  p.merge_indptr = merge_indptr.typed_data();
+  p.o = o->untyped_data();
+  p.lse = lse->typed_data();
+  p.partial_o = partial_o->typed_data();
+  p.partial_lse = partial_lse->typed_data();
+  p.variant.sm_scale = sm_scale;
+  p.variant.soft_cap = logits_soft_cap;
+  p.variant.window_left = window_left;
+  p.variant.alibi_slopes = use_alibi ? alibi_slopes.typed_data() : nullptr;
+  p.variant.rope = rope != 0;
+  p.variant.rope_rcp_scale = 1.f / rope_scale;
+  p.variant.rope_theta = rope_theta;
+
+  if (cudaError_t e = decode_cuda(p, stream); e != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jaxinfer decode: ") + cudaGetErrorString(e));
+  }
+  return ffi::Error::Success();
+}
+#endif
+
+}  // namespace
+
+#ifdef JAXINFER_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER(kDecodeGpu, decode_gpu,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()             // q
+                           .Arg<ffi::AnyBuffer>()             // k_cache
+                           .Arg<ffi::AnyBuffer>()             // v_cache
+                           .Arg<ffi::Buffer<ffi::F32>>()      // alibi_slopes
+                           .Arg<I32>().Arg<I32>().Arg<I32>()  // kv_indptr, kv_indices, kv_last_page_len
+                           .Arg<I32>().Arg<I32>().Arg<I32>()  // item_request, item_kv_start, item_kv_end
+                           .Arg<I32>()                        // merge_indptr
+                           .Ret<ffi::AnyBuffer>()             // o
+                           .Ret<ffi::Buffer<ffi::F32>>()      // lse
+                           .Ret<ffi::Buffer<ffi::F32>>()      // partial_o
+                           .Ret<ffi::Buffer<ffi::F32>>()      // partial_lse
+                           .Attr<int32_t>("kv_layout")
+                           .Attr<float>("sm_scale")
+                           .Attr<float>("logits_soft_cap")
+                           .Attr<int32_t>("window_left")
+                           .Attr<int32_t>("use_alibi")
+                           .Attr<int32_t>("rope")
+                           .Attr<float>("rope_scale")
+                           .Attr<float>("rope_theta"),
+                       {ffi::Traits::kCmdBufferCompatible});
+#endif
+
+}  // namespace jaxinfer
+
+NB_MODULE(_decode, m) {
+  m.def("registrations", []() {
+    nanobind::dict out;
+#ifdef JAXINFER_WITH_CUDA
+    nanobind::dict gpu;
+    gpu["jaxinfer_batch_decode"] = jaxinfer::ffi_util::capsule(jaxinfer::kDecodeGpu);
+    out["CUDA"] = gpu;
+#endif
+    return out;
+  });
+}
