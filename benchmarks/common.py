@@ -31,28 +31,38 @@ def device_name() -> str:
         return jax.devices()[0].device_kind
 
 
-def time_per_call(fn, args, *, repeat=8, calls=10, rounds=5) -> float:
-    """Seconds per call of ``fn(*args)`` on the default device."""
+def time_per_call(fn, args, *, repeat=None, calls=10, rounds=5) -> float:
+    """Seconds per call of ``fn(*args)`` on the default device.
 
-    def many(*a):
-        outs = []
-        for _ in range(repeat):
-            # The barrier makes each repeat's inputs new values that depend on the
-            # previous output; returning every output keeps each repeat alive.
-            a, outs = jax.lax.optimization_barrier((a, outs))
-            outs = outs + [fn(*a)]
-        return outs
+    ``repeat`` defaults to enough calls per dispatch for about 2 ms of device
+    work, so the host's dispatch cost never sets the pace.
+    """
 
-    f = jax.jit(many)
-    jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / (calls * repeat))
-    return statistics.median(samples)
+    def timed(repeat, calls, rounds):
+        def many(*a):
+            outs = []
+            for _ in range(repeat):
+                # The barrier makes each repeat's inputs new values that depend on the
+                # previous output; returning every output keeps each repeat alive.
+                a, outs = jax.lax.optimization_barrier((a, outs))
+                outs = outs + [fn(*a)]
+            return outs
+
+        f = jax.jit(many)
+        jax.block_until_ready(f(*args))
+        samples = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+            samples.append((time.perf_counter() - t0) / (calls * repeat))
+        return statistics.median(samples)
+
+    if repeat is None:
+        estimate = timed(8, 3, 1)
+        repeat = int(min(64, max(4, 2e-3 / estimate)))
+    return timed(repeat, calls, rounds)
 
 
 def copy_bandwidth(nbytes=2 << 30) -> float:

@@ -78,7 +78,7 @@ def main():
                 row.append(fmt(time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p),
                                              [q, k, v, plan]), nbytes, ceiling))
                 if batch * kv_len <= (1 << 20):
-                    t = time_per_call(jnp_decode, [q, k, v, jnp.asarray(table)], repeat=2, calls=3)
+                    t = time_per_call(jnp_decode, [q, k, v, jnp.asarray(table)], calls=3)
                     row.append(fmt(t, nbytes, ceiling))
                     try:
                         kp, vp = (jnp.moveaxis(x, 2, 0) for x in (k, v))  # [Hkv, pages, P, D]

@@ -8,9 +8,9 @@ The plan is a pytree of int32 numpy arrays whose shapes depend only on the
 static capacities (``max_batch``, ``max_pages`` and the work-item capacity
 derived from them), so a jitted step compiles once and replays for any mix
 of sequence lengths. It carries the padded page table and the split-KV work
-items: each request's keys are cut into chunks of one common size chosen so
-that the GPU gets about one full wave of CTAs (see ``chunk_size``); each
-chunk is one work item, and a merge kernel combines each request's partial
+items: each request's keys are cut into chunks so that the GPU gets one
+full wave of equal-sized CTAs (see ``split_chunks``); each chunk is one work
+item, and a merge kernel combines each request's partial
 outputs by their log-sum-exp.
 """
 
@@ -49,30 +49,34 @@ def ctas_per_sm(head_dim: int) -> int:
     return 1 if head_dim >= 256 else 2
 
 
-def work_capacity(max_batch: int, num_kv_heads: int, *, num_sms: int = H100_SMS,
-                  head_dim: int = 128) -> int:
-    """Static number of work items: one per request, or one wave of CTAs if larger."""
-    return max(max_batch, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
-
-
 def wave_items(num_kv_heads: int, *, num_sms: int = H100_SMS, head_dim: int = 128) -> int:
     """Work items that fill the GPU once: each item runs one CTA per KV head."""
     return max(1, num_sms * ctas_per_sm(head_dim) // num_kv_heads)
 
 
-def chunk_size(kv_lens: np.ndarray, target_items: int) -> int:
-    """Keys per work item, a multiple of TILE_KEYS.
+def work_capacity(max_batch: int, num_kv_heads: int, *, num_sms: int = H100_SMS,
+                  head_dim: int = 128) -> int:
+    """Static number of work items: the split never makes more than batch + one wave."""
+    return max_batch + wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim)
 
-    With B requests and ``total`` keys, chunks of ``C`` keys give at most
-    ``B + total / C`` items; C = total / (target - B) keeps that within one
-    wave. When the batch alone fills the wave, requests are not split.
+
+def split_chunks(kv_lens: np.ndarray, target_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chunks per request, keys per chunk) for one wave of equal-sized work items.
+
+    A batch that fills the wave by itself is not split (no merge work, no
+    partials). Otherwise request b gets floor(len_b * target / total) chunks
+    (at least 1; the sum stays within target + batch), each a multiple of
+    TILE_KEYS, so every CTA of the wave reads about total / target keys and
+    the wave ends together - equal chunks matter more than their number.
     """
     batch = kv_lens.shape[0]
-    if batch >= target_items:
-        chunk = int(kv_lens.max(initial=0))
-    else:
-        chunk = -(-int(kv_lens.sum()) // (target_items - batch))
-    return max(TILE_KEYS, -(-chunk // TILE_KEYS) * TILE_KEYS)
+    total = int(kv_lens.sum())
+    if batch >= target_items or total == 0:
+        return np.ones(batch, np.int64), np.maximum(kv_lens, TILE_KEYS)
+    chunks = np.maximum(1, kv_lens * target_items // total)
+    size = -(-kv_lens // chunks)
+    size = np.maximum(TILE_KEYS, -(-size // TILE_KEYS) * TILE_KEYS)
+    return np.maximum(1, -(-kv_lens // size)), size
 
 
 def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_kv_heads: int,
@@ -104,8 +108,7 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
     # Every step below is one vectorised numpy call: the whole plan costs tens of microseconds.
     num_pages = indptr[1:] - indptr[:-1]
     kv_lens = np.maximum(num_pages - 1, 0) * page_size + last * (num_pages > 0)
-    chunk = chunk_size(kv_lens, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
-    chunks = np.maximum(1, -(-kv_lens // chunk))  # a request with no keys still gets an item
+    chunks, chunk = split_chunks(kv_lens, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
     capacity = work_capacity(max_batch, num_kv_heads, num_sms=num_sms, head_dim=head_dim)
 
     merge_indptr = np.zeros(max_batch + 1, np.int32)
@@ -117,10 +120,11 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
     items = np.zeros((3, capacity), np.int32)  # request, kv_start, kv_end
     items[0, num_items:] = -1
     request = np.repeat(np.arange(batch, dtype=np.int32), chunks)
-    start = (np.arange(num_items, dtype=np.int32) - merge_indptr[request]) * chunk
+    size = chunk[request]
+    start = (np.arange(num_items, dtype=np.int32) - merge_indptr[request]) * size
     items[0, :num_items] = request
     items[1, :num_items] = start
-    np.minimum(start + chunk, kv_lens[request], out=items[2, :num_items])
+    np.minimum(start + size, kv_lens[request], out=items[2, :num_items])
 
     padded_indptr = np.full(max_batch + 1, indptr[-1], np.int32)
     padded_indptr[:batch + 1] = indptr

@@ -89,7 +89,7 @@ def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, l
     want_o, want_lse = reference_decode(q[:batch], cache, kv_indptr, kv_indices, last, layout,
                                         **options)
     assert_close(o[:batch], want_o, dtype, name="o")
-    assert_close(lse[:batch], want_lse, name="lse")
+    assert_close(lse[:batch], want_lse, dtype, name="lse")  # q.k sees inputs rounded to dtype
     np.testing.assert_array_equal(np.asarray(o[batch:], np.float32), 0)  # padding rows
 
 
