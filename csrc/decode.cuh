@@ -82,42 +82,43 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const T* k_base = static_cast<const T*>(p.k) + kv_head * p.stride_head;
   const T* v_base = static_cast<const T*>(p.v) + kv_head * p.stride_head;
 
-  // Page of each key row, looked up one tile ahead of its cp.async so the
-  // dependent kv_indices read overlaps a tile of compute: -1 = no such key
-  // (past the range, past the request's page list, or a page outside the cache).
-  // Slots are indexed by tile % (kStages + 1): one more than the stages, so the
-  // slot refilled after a tile's compute is never one another warp still reads.
-  constexpr int kPageSlots = kStages + 1;
-  __shared__ int32_t s_page[kPageSlots][kTileKeys];
-  auto lookup_page = [&](int tile) -> int32_t {  // for key row tid of `tile` (tid < kTileKeys)
+  // Element offset (page * stride_page + slot * stride_slot) of each key row,
+  // resolved one tile ahead of its cp.async by one thread per row, so the
+  // dependent kv_indices read and the index arithmetic leave the copy loop;
+  // -1 = no such key (past the range, past the request's page list, or a page
+  // outside the cache). Slots are indexed by tile % (kStages + 1): one more
+  // than the stages, so the slot refilled after a tile's compute is never one
+  // another warp still reads.
+  constexpr int kRowSlots = kStages + 1;
+  __shared__ int64_t s_row[kRowSlots][kTileKeys];
+  auto row_offset = [&](int tile) -> int64_t {  // for key row tid of `tile` (tid < kTileKeys)
     const int pos = kv_begin + tile * kTileKeys + tid;
-    const int64_t entry = int64_t(page_begin) + pos / p.page_size;
+    const int page_in_request = pos / p.page_size;
+    const int64_t entry = int64_t(page_begin) + page_in_request;
     if (tile >= num_tiles || pos >= kv_end || entry >= page_end || entry >= p.num_kv_indices) return -1;
-    const int32_t page = p.kv_indices[entry];
-    return page >= 0 && page < p.num_pages ? page : -1;
+    const int64_t page = p.kv_indices[entry];
+    if (page < 0 || page >= p.num_pages) return -1;
+    return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
   };
 
   // Issues the cp.async of tile `tile` into stage `stage`; missing keys are zero-filled.
   auto load_tile = [&](int tile, int stage) {
-    const int first = kv_begin + tile * kTileKeys;
     const int chunk = tid % kChunks;
     constexpr int kRowsPerPass = kThreads / kChunks;
 #pragma unroll
     for (int pass = 0; pass < kTileKeys / kRowsPerPass; ++pass) {
       const int row = tid / kChunks + pass * kRowsPerPass;
-      const int32_t page = s_page[tile % kPageSlots][row];
-      const bool ok = page >= 0;
-      const int64_t offset =
-          ok ? page * p.stride_page + ((first + row) % p.page_size) * p.stride_slot + chunk * 8 : 0;
+      const int64_t offset = s_row[tile % kRowSlots][row];
+      const bool ok = offset >= 0;
       const int dst = stage * Cfg::kTileElems + swizzle<D>(row, chunk);
-      cp_async_16(s_k + dst, k_base + offset, ok);
-      cp_async_16(s_v + dst, v_base + offset, ok);
+      cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
+      cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
     }
   };
 
-  // Prologue: pages of the first kStages tiles, then the first kStages - 1 loads.
+  // Prologue: rows of the first kStages tiles, then the first kStages - 1 loads.
   for (int s = 0; s < kStages; ++s) {
-    if (tid < kTileKeys) s_page[s % kPageSlots][tid] = lookup_page(s);
+    if (tid < kTileKeys) s_row[s % kRowSlots][tid] = row_offset(s);
   }
   __syncthreads();
   for (int s = 0; s < kStages - 1; ++s) {
@@ -173,9 +174,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
     if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
     cp_async_commit();
-    // Pages of tile + kStages, stored after this tile's compute (the slot's last
+    // Rows of tile + kStages, stored after this tile's compute (the slot's last
     // readers, load_tile and the masks of tile - 1, finished before the barrier above).
-    const int32_t next_page = tid < kTileKeys ? lookup_page(tile + kStages) : -1;
+    const int64_t next_row = tid < kTileKeys ? row_offset(tile + kStages) : -1;
 
     const int stage = tile % kStages;
     const int first = kv_begin + tile * kTileKeys;
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         const int key = key0 + nt * 8 + 2 * tig + (j % 2);
         const int pos = first + key;
         const int head = head0 + gid + 8 * (j / 2);
-        const bool ok = s_page[tile % kPageSlots][key] >= 0 && var.visible(pos, q_pos);
+        const bool ok = s_row[tile % kRowSlots][key] >= 0 && var.visible(pos, q_pos);
         s[nt][j] = ok ? var.logit(s[nt][j], head, pos, q_pos) : -INFINITY;
         row_max[j / 2] = fmaxf(row_max[j / 2], s[nt][j]);
       }
@@ -250,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       mma_16816<T>(o[2 * dt2], p_frag, b[0], b[1]);
       mma_16816<T>(o[2 * dt2 + 1], p_frag, b[2], b[3]);
     }
-    if (tid < kTileKeys) s_page[(tile + kStages) % kPageSlots][tid] = next_page;
+    if (tid < kTileKeys) s_row[(tile + kStages) % kRowSlots][tid] = next_row;
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory is reused below
