@@ -1,7 +1,7 @@
 // Paged-KV split decode with tensor cores (mma.sync m16n8k16, sm80+).
 //
-// One CTA = one work item (request, key range) x one KV head x up to 16 query
-// heads of its GQA group (the mma's M rows; rows past the group are zeros).
+// One CTA = one KV head x up to 16 query heads of its GQA group x one work item
+// (request, key range); the query heads are the mma's M rows, zeros past the group.
 // 4 warps; the K/V of 64 keys per pipeline stage arrive through cp.async
 // (16 bytes a thread, zero-filled past the range), kStages deep. Each warp
 // owns 16 of the 64 keys of every stage and keeps its own online softmax;
@@ -55,7 +55,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   T* s_v = s_k + kStages * Cfg::kTileElems;        // [kStages][kTileKeys][D]
   T* s_q = s_v + kStages * Cfg::kTileElems;        // [kRows][D]
 
-  const int item = blockIdx.x;
+  // Consecutive CTAs take the KV heads of one item: in the NHD layout they read
+  // neighbouring parts of the same key rows at the same time.
+  const int item = blockIdx.y;
   const int request = p.item_request[item];
   if (request < 0) return;  // padding item
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -63,8 +65,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   const int group = p.num_qo_heads / p.num_kv_heads;
   const int row_tiles = (group + kRows - 1) / kRows;
-  const int kv_head = blockIdx.y / row_tiles;
-  const int head0 = kv_head * group + (blockIdx.y % row_tiles) * kRows;  // first query head
+  const int kv_head = blockIdx.x / row_tiles;
+  const int head0 = kv_head * group + (blockIdx.x % row_tiles) * kRows;  // first query head
   const int rows = min(kRows, kv_head * group + group - head0);
 
   // Key range of this item, clipped to what the device page table holds.
@@ -279,6 +281,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
   __syncthreads();
 
+  const bool single_item = p.merge_indptr[request + 1] - p.merge_indptr[request] == 1;
   for (int i = tid; i < rows * D; i += kThreads) {
     const int r = i / D, d = i % D;
     float m_all = -INFINITY;
@@ -293,17 +296,27 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         acc += wgt * s_o[(w * kRows + r) * D + d];
       }
     }
-    const int64_t out_row = int64_t(item) * p.num_qo_heads + head0 + r;
-    p.partial_o[out_row * D + d] = sum > 0.f ? acc / sum : 0.f;
-    if (d == 0) p.partial_lse[out_row] = sum > 0.f ? m_all + log2f(sum) : -INFINITY;
+    const float out = sum > 0.f ? acc / sum : 0.f;
+    const float out_lse = sum > 0.f ? m_all + log2f(sum) : -INFINITY;
+    if (single_item) {  // the request's only item: write the final output, skip the merge
+      const int64_t out_row = int64_t(request) * p.num_qo_heads + head0 + r;
+      static_cast<T*>(p.o)[out_row * D + d] = from_float<T>(out);
+      if (d == 0) p.lse[out_row] = out_lse;
+    } else {
+      const int64_t out_row = int64_t(item) * p.num_qo_heads + head0 + r;
+      p.partial_o[out_row * D + d] = out;
+      if (d == 0) p.partial_lse[out_row] = out_lse;
+    }
   }
 }
 
-// The partials of request b are the items merge_indptr[b]..merge_indptr[b+1].
+// The partials of request b are the items merge_indptr[b]..merge_indptr[b+1];
+// a request with one item was written by the decode kernel itself.
 struct PlanStates {
   using Elem = float;
   const float* o_base; const float* lse_base; const int32_t* merge_indptr;
   int64_t heads, dim;
+  __device__ bool done(int64_t row) const { return count(row) == 1; }
   __device__ int count(int64_t row) const {
     const int64_t b = row / heads;
     return merge_indptr[b + 1] - merge_indptr[b];
@@ -338,7 +351,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
         opted_in[device & 63] = true;
       }
       const int group = p.num_qo_heads / p.num_kv_heads;
-      const dim3 grid(p.num_items, p.num_kv_heads * ((group + kRows - 1) / kRows));
+      const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_items);
       if (p.num_items > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
       PlanStates states{p.partial_o, p.partial_lse, p.merge_indptr, p.num_qo_heads, kHeadDim};
       launch_merge(states, static_cast<T*>(p.o), p.lse, int64_t(p.batch) * p.num_qo_heads, kHeadDim,

@@ -1,8 +1,8 @@
 // Paged-KV batch decode: one query token per request, split-KV work items
 // from the host planner (jaxinfer/decode.py), then a merge of the partials.
 //
-// The plan is data, not launch shape: the grid is [num_items, num_kv_heads]
-// for the static item capacity, padded items exit at once, and every kernel
+// The plan is data, not launch shape: the grid is [kv heads x head tiles,
+// num_items] for the static item capacity, padded items exit at once, and every kernel
 // reads the page table and the plan from device memory. Launches are thus
 // identical from step to step, as command buffers require.
 #pragma once
@@ -38,7 +38,7 @@ struct DecodeParams {
 
   void* o;             // [batch, num_qo_heads, head_dim]
   float* lse;          // [batch, num_qo_heads], base 2
-  float* partial_o;    // [num_items, num_qo_heads, head_dim] workspace
+  float* partial_o;    // [num_items, num_qo_heads, head_dim] workspace (split requests only)
   float* partial_lse;  // [num_items, num_qo_heads] workspace
 
   AttentionVariant variant;

@@ -13,6 +13,7 @@ struct PairStates {
   const T* v_a; const float* s_a; const T* v_b; const float* s_b;
   int64_t dim;
   __device__ int count(int64_t) const { return 2; }
+  __device__ bool done(int64_t) const { return false; }
   __device__ float lse(int64_t row, int i) const { return i == 0 ? s_a[row] : s_b[row]; }
   __device__ const T* v(int64_t row, int i) const { return (i == 0 ? v_a : v_b) + row * dim; }
 };
@@ -24,6 +25,7 @@ struct StackedStates {
   const T* v_base; const float* s_base;
   int64_t n, heads, dim;
   __device__ int count(int64_t) const { return static_cast<int>(n); }
+  __device__ bool done(int64_t) const { return false; }
   __device__ int64_t index(int64_t row, int i) const {
     return ((row / heads) * n + i) * heads + row % heads;
   }

@@ -18,13 +18,14 @@ namespace jaxinfer {
 //   int count(int64_t row) const;           // number of states
 //   float lse(int64_t row, int i) const;    // base-2 log-sum-exp of state i
 //   const Elem* v(int64_t row, int i) const;  // state i's values [dim]
+//   bool done(int64_t row) const;           // row already written elsewhere: skip it
 template <typename Out, int kVec, typename States>
 __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
   const int threads_per_row = static_cast<int>(dim / kVec);
   const int64_t row = blockIdx.x * int64_t(blockDim.x / threads_per_row) + threadIdx.x / threads_per_row;
   const int64_t col = int64_t(threadIdx.x % threads_per_row) * kVec;
-  if (row >= rows) return;
+  if (row >= rows || states.done(row)) return;
   const int n = states.count(row);
 
   float m = -INFINITY;

@@ -70,8 +70,9 @@ def poison_allocator(*arrays_like):
 def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, lengths=None,
              max_batch=None, **options):
     kv_lens = lengths if lengths is not None else RNG.choice(LENGTHS[:-1], batch).tolist()
-    if lengths is None and batch >= 7:  # every awkward length, the longest once
-        kv_lens[: len(LENGTHS)] = LENGTHS
+    if lengths is None and batch >= 7:  # every awkward length (the longest once, from batch 8 on)
+        every = LENGTHS[: min(batch, len(LENGTHS))]
+        kv_lens[: len(every)] = RNG.permutation(every).tolist()
     max_batch = max_batch or batch
     num_pages = sum((n + page_size - 1) // page_size for n in kv_lens) + 5
     cache = random_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, layout)

@@ -47,6 +47,7 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.num_items = static_cast<int>(item_request.element_count());
   p.num_pages = pages;
   p.num_kv_indices = kv_indices.element_count();
+  if (p.num_items > 65535) return invalid("decode: more than 65535 work items (max_batch too large)");
   if (qd[2] != head_dim || p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
     return invalid("decode: q and cache head dims disagree, or num_qo_heads % num_kv_heads != 0");
   }
