@@ -28,12 +28,17 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   if (row >= rows || states.done(row)) return;
   const int n = states.count(row);
 
+  // Unrolled so that several states' loads are in flight at once: a split-KV
+  // decode merges tens of states per row, and a serial chain of dependent
+  // loads would cost a memory latency per state.
   float m = -INFINITY;
+#pragma unroll 8
   for (int i = 0; i < n; ++i) m = fmaxf(m, states.lse(row, i));
 
   float acc[kVec] = {};
   float sum = 0.f;
   if (m != -INFINITY) {
+#pragma unroll 8
     for (int i = 0; i < n; ++i) {
       const float w = exp2f(states.lse(row, i) - m);
       float x[kVec];
