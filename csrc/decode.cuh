@@ -45,6 +45,31 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// The partials of request b are the items merge_indptr[b]..merge_indptr[b+1]
+// (clamped to the workspace, so a corrupt plan cannot read past it); a
+// request with one item was written by the decode kernel itself.
+struct PlanStates {
+  using Elem = float;
+  const float* o_base; const float* lse_base; const int32_t* merge_indptr;
+  int64_t heads, dim, num_items;
+  __device__ int64_t first(int64_t row) const {
+    return min(max(int64_t(merge_indptr[row / heads]), int64_t(0)), num_items);
+  }
+  __device__ int count(int64_t row) const {
+    const int64_t end = min(max(int64_t(merge_indptr[row / heads + 1]), int64_t(0)), num_items);
+    return static_cast<int>(max(end - first(row), int64_t(0)));
+  }
+  __device__ bool done(int64_t row) const { return count(row) == 1; }
+  __device__ int64_t index(int64_t row, int i) const { return (first(row) + i) * heads + row % heads; }
+
+  static __host__ __device__ PlanStates of(const DecodeParams& p, int64_t dim) {
+    return {p.partial_o, p.partial_lse, p.merge_indptr, p.num_qo_heads, dim, p.num_items};
+  }
+  __device__ float lse(int64_t row, int i) const { return lse_base[index(row, i)]; }
+  __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
+};
+
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   using Cfg = Config<D>;
@@ -59,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   // neighbouring parts of the same key rows at the same time.
   const int item = blockIdx.y;
   const int request = p.item_request[item];
-  if (request < 0) return;  // padding item
+  if (request < 0 || request >= p.batch) return;  // padding item (or a corrupt plan)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
 
@@ -97,7 +122,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const int pos = kv_begin + tile * kTileKeys + tid;
     const int page_in_request = pos / p.page_size;
     const int64_t entry = int64_t(page_begin) + page_in_request;
-    if (tile >= num_tiles || pos >= kv_end || entry >= page_end || entry >= p.num_kv_indices) return -1;
+    if (tile >= num_tiles || pos >= kv_end || entry >= page_end || entry < 0 ||
+        entry >= p.num_kv_indices) {
+      return -1;
+    }
     const int64_t page = p.kv_indices[entry];
     if (page < 0 || page >= p.num_pages) return -1;
     return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
@@ -281,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
   __syncthreads();
 
-  const bool single_item = p.merge_indptr[request + 1] - p.merge_indptr[request] == 1;
+  const bool single_item = PlanStates::of(p, D).done(int64_t(request) * p.num_qo_heads);
   for (int i = tid; i < rows * D; i += kThreads) {
     const int r = i / D, d = i % D;
     float m_all = -INFINITY;
@@ -310,24 +338,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
 }
 
-// The partials of request b are the items merge_indptr[b]..merge_indptr[b+1];
-// a request with one item was written by the decode kernel itself.
-struct PlanStates {
-  using Elem = float;
-  const float* o_base; const float* lse_base; const int32_t* merge_indptr;
-  int64_t heads, dim;
-  __device__ bool done(int64_t row) const { return count(row) == 1; }
-  __device__ int count(int64_t row) const {
-    const int64_t b = row / heads;
-    return merge_indptr[b + 1] - merge_indptr[b];
-  }
-  __device__ int64_t index(int64_t row, int i) const {
-    return (merge_indptr[row / heads] + i) * heads + row % heads;
-  }
-  __device__ float lse(int64_t row, int i) const { return lse_base[index(row, i)]; }
-  __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
-};
-
 }  // namespace decode_detail
 
 template <int kHeadDim>
@@ -353,9 +363,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
       const int group = p.num_qo_heads / p.num_kv_heads;
       const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_items);
       if (p.num_items > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
-      PlanStates states{p.partial_o, p.partial_lse, p.merge_indptr, p.num_qo_heads, kHeadDim};
-      launch_merge(states, static_cast<T*>(p.o), p.lse, int64_t(p.batch) * p.num_qo_heads, kHeadDim,
-                   stream);
+      launch_merge(PlanStates::of(p, kHeadDim), static_cast<T*>(p.o), p.lse,
+                   int64_t(p.batch) * p.num_qo_heads, kHeadDim, stream);
       return cudaGetLastError();
     }
   });

@@ -30,6 +30,16 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
+# Bad device data must never be read out of bounds: memcheck over those tests.
+if [ -z "${SKIP_SANITIZER:-}" ]; then
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py -k "corrupt or out_of_range" \
+    > "$OUT/sanitizer.log" 2>&1
+  sanitizer_status=$?
+  echo "compute-sanitizer memcheck (corrupt tables): exit $sanitizer_status"
+  [ "$sanitizer_status" = 0 ] || tail -30 "$OUT/sanitizer.log"
+fi
+
 for b in ${BENCH:-merge decode}; do
   (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT") > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
 done

@@ -233,6 +233,23 @@ def test_out_of_range_pages_are_ignored():
     assert_close(out, want, jnp.bfloat16)
 
 
+def test_corrupt_plan_and_page_table_stay_in_bounds():
+    """Garbage in the device-side tables must not fault or read outside the buffers
+    (run under compute-sanitizer on the GPU machine); the rows they touch are garbage."""
+    k, v = random_cache(16, 8, 2, 64, jnp.bfloat16, "NHD")
+    kv_indptr, kv_indices, last = page_table([40, 17, 9], 8, 16)
+    plan = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=8, num_kv_heads=2,
+                                max_batch=3, max_pages=16)
+    bad = plan._replace(
+        kv_indptr=np.array([0, -7, 10**6, 3], np.int32),
+        kv_last_page_len=np.array([9, 10**5, -2], np.int32),
+        item_request=np.where(np.arange(plan.item_request.size) == 1, 10**6, plan.item_request),
+        item_kv_end=np.full_like(plan.item_kv_end, 10**7),
+        merge_indptr=np.array([0, 10**6, -4, 2], np.int32))
+    q = jax.random.normal(jax.random.key(4), (3, 4, 64), jnp.bfloat16)
+    jax.block_until_ready(jax.jit(jaxinfer.batch_decode)(q, (k, v), bad))
+
+
 # ------------------------------------------------------------------ GPU grid
 
 GRID = [
