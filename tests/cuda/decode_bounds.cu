@@ -1,0 +1,59 @@
+// Standalone check, run under compute-sanitizer memcheck by scripts/gpu_check.sh
+// (JAX itself does not start under the sanitizer): the decode kernels given
+// corrupt page tables and a corrupt plan must not touch memory outside the
+// exactly-sized buffers they are handed.
+//   nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
+//        tests/cuda/decode_bounds.cu csrc/decode.cu csrc/decode_inst/decode_hd128.cu \
+//        csrc/decode_inst/decode_hd64.cu csrc/decode_inst/decode_hd256.cu -o /tmp/decode_bounds
+#include <cuda_bf16.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "csrc/decode.h"
+
+#define CHECK(x)                                                              \
+  do {                                                                        \
+    cudaError_t e = (x);                                                      \
+    if (e != cudaSuccess) {                                                   \
+      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      return 1;                                                               \
+    }                                                                         \
+  } while (0)
+
+template <typename T>
+T* upload(const std::vector<T>& host) {
+  T* dev = nullptr;
+  cudaMalloc(&dev, host.size() * sizeof(T));
+  cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return dev;
+}
+
+int main() {
+  const int batch = 3, heads = 8, kv_heads = 2, dim = 128, page = 8, pages = 16, items = 6;
+  std::vector<__nv_bfloat16> q(batch * heads * dim, __float2bfloat16(0.5f));
+  std::vector<__nv_bfloat16> kv(size_t(pages) * page * kv_heads * dim, __float2bfloat16(0.25f));
+  jaxinfer::DecodeParams p{};
+  p.dtype = jaxinfer::DType::kBFloat16;
+  p.batch = batch, p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
+  p.page_size = page, p.num_items = items, p.num_pages = pages, p.num_kv_indices = 5;
+  p.q = upload(q), p.k = upload(kv), p.v = upload(kv);
+  p.stride_page = page * kv_heads * dim, p.stride_slot = kv_heads * dim, p.stride_head = dim;
+  // Corrupt tables: indptr out of order and past kv_indices, page ids out of range,
+  // last-page lengths past the page, items naming absent requests and endless ranges.
+  p.kv_indptr = upload(std::vector<int>{0, -7, 1000000, 3});
+  p.kv_indices = upload(std::vector<int>{3, 99, -1, 15, 16});
+  p.kv_last_page_len = upload(std::vector<int>{9, 100000, -2});
+  p.item_request = upload(std::vector<int>{0, 1000000, 2, -1, 1, 0});
+  p.item_kv_start = upload(std::vector<int>{0, 0, -50, 0, 5, 1 << 30});
+  p.item_kv_end = upload(std::vector<int>{1 << 30, 64, 1 << 30, 0, 1 << 20, 1 << 30});
+  p.merge_indptr = upload(std::vector<int>{0, 1000000, -4, 2});
+  cudaMalloc(&p.o, batch * heads * dim * sizeof(__nv_bfloat16));
+  cudaMalloc(&p.lse, batch * heads * sizeof(float));
+  cudaMalloc(&p.partial_o, size_t(items) * heads * dim * sizeof(float));
+  cudaMalloc(&p.partial_lse, size_t(items) * heads * sizeof(float));
+  CHECK(jaxinfer::decode_cuda(p, nullptr));
+  CHECK(cudaDeviceSynchronize());
+  std::printf("decode_bounds: ok\n");
+  return 0;
+}
