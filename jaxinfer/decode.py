@@ -73,7 +73,7 @@ def split_chunks(kv_lens: np.ndarray, target_items: int) -> tuple[np.ndarray, np
     total = int(kv_lens.sum())
     if batch >= target_items or total == 0:
         return np.ones(batch, np.int64), np.maximum(kv_lens, TILE_KEYS)
-    chunks = np.maximum(1, kv_lens * target_items // total)
+    chunks = np.maximum(1, kv_lens.astype(np.int64) * target_items // total)
     size = -(-kv_lens // chunks)
     size = np.maximum(TILE_KEYS, -(-size // TILE_KEYS) * TILE_KEYS)
     return np.maximum(1, -(-kv_lens // size)), size
@@ -138,7 +138,7 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
 
 
 def _split_cache(paged_kv_cache, kv_layout, dims: Shapes, q):
-    """Checks the cache; returns (k, v, page_size) with k = v = the array for a combined cache."""
+    """Checks the cache; returns (k, v), both the same array for a combined cache."""
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
     page = ("page_size", "num_kv_heads") if kv_layout == "NHD" else ("num_kv_heads", "page_size")
