@@ -149,6 +149,8 @@ def _split_cache(paged_kv_cache, kv_layout, dims: Shapes, q):
     else:
         k = v = dims.check("paged_kv_cache", paged_kv_cache, ("num_pages", 2, *page, "head_dim"),
                            (q.dtype,))
+    if dims.dims["num_pages"] == 0:
+        raise ValueError("paged_kv_cache: expected at least one page, got num_pages=0")
     return k, v
 
 

@@ -190,6 +190,8 @@ def test_bad_inputs_name_the_argument():
         jaxinfer.batch_decode(q, (k, v), plan._replace(kv_indptr=plan.kv_indptr[:2]))
     with pytest.raises(ValueError, match=r"^plan.item_kv_end: expected shape \[work_items="):
         jaxinfer.batch_decode(q, (k, v), plan._replace(item_kv_end=plan.item_kv_end[:1]))
+    with pytest.raises(ValueError, match=r"^paged_kv_cache: expected at least one page"):
+        jaxinfer.batch_decode(q, (k[:0], v[:0]), plan)
     with pytest.raises(ValueError, match=r"^kv_layout: expected 'NHD' or 'HND'"):
         jaxinfer.batch_decode(q, (k, v), plan, kv_layout="NDH")
     with pytest.raises(ValueError, match=r"^alibi_slopes: expected shape \[num_qo_heads=4\]"):

@@ -8,7 +8,6 @@ namespace jaxinfer {
 namespace {
 
 namespace ffi = xla::ffi;
-namespace nb = nanobind;
 using ffi_util::invalid;
 using I32 = ffi::Buffer<ffi::S32>;
 
@@ -33,6 +32,7 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   }
   // Page-relative dims, dropping the combined cache's K/V axis.
   const int64_t pages = kd[0];
+  if (pages == 0) return invalid("decode: the cache has no pages");
   const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
   const bool nhd = kv_layout == 0;
   const int64_t page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
