@@ -25,4 +25,4 @@ plan = jaxinfer.plan_decode(indptr, np.random.default_rng(0).permutation(pages).
 f = jax.jit(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p))
 for _ in range(3):
     jax.block_until_ready(f(q, k, v, plan))
-print("items", int(plan.merge_indptr[-1]), "capacity", plan.item_request.shape[0])
+print("items", int(plan.merge_indptr[-1]), "capacity", plan.items.shape[0])

@@ -19,7 +19,7 @@ for batch, kv_len in [(1, 16384), (16, 4096), (64, 4096), (64, 1024)]:
     table = np.random.default_rng(0).permutation(pages).astype(np.int32)
     nbytes = 2 * k.nbytes
     for target in [17, 33, 66, 132, 264]:
-        decode_mod.wave_items = lambda *a, target=target, **kw: target  # noqa: E731
+        decode_mod.wave_ctas = lambda *a, target=target, **kw: target  # noqa: E731
         plan = jax.device_put(jaxinfer.plan_decode(indptr, table, np.full(batch, PAGE, np.int32),
                                                    page_size=PAGE, num_kv_heads=HKV, max_batch=batch,
                                                    max_pages=pages))

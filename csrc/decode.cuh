@@ -1,12 +1,16 @@
 // Paged-KV split decode with tensor cores (mma.sync m16n8k16, sm80+).
 //
-// One CTA = one KV head x up to 16 query heads of its GQA group x one work item
-// (request, key range); the query heads are the mma's M rows, zeros past the group.
-// 4 warps; the K/V of 64 keys per pipeline stage arrive through cp.async
-// (16 bytes a thread, zero-filled past the range), kStages deep. Each warp
-// owns 16 of the 64 keys of every stage and keeps its own online softmax;
-// the warps' states merge in shared memory at the end, and the CTA writes an
-// fp32 partial (o, lse) that the merge kernel combines per request.
+// One CTA = one KV head x up to 16 query heads of its GQA group x one CTA slot
+// of the plan: a run of work items (key ranges of requests) walked as one
+// stream of 64-key tiles, so the pipeline runs on across item boundaries and
+// every CTA of the wave streams the same number of keys. The query heads are
+// the mma's M rows, zeros past the group.
+// 4 warps; the K/V of each tile arrive through cp.async (16 bytes a thread,
+// zero-filled for missing keys), kStages deep. Each warp owns 16 of the 64
+// keys of every tile and keeps its own online softmax; at the end of an item
+// the warps' states merge in the shared memory of the stage just consumed,
+// and the CTA writes the request's output (an item that is the whole request)
+// or an fp32 partial (o, lse) that the merge kernel combines per request.
 //
 // Shared-memory tiles are [rows][D] with 16-byte chunks XOR-swizzled by row
 // (chunk ^ (row % 8)), so the 8 rows read by each ldmatrix hit distinct banks.
@@ -35,9 +39,9 @@ struct Config {
   // Deeper pipelines for smaller rows: about 64-96 KB of K/V in flight per CTA.
   static constexpr int kStages = D >= 256 ? 2 : 3;
   static constexpr int kTileElems = kTileKeys * D;
-  static constexpr size_t kSmemPipeline = (2 * kStages * kTileElems + kRows * D) * 2;
-  static constexpr size_t kSmemEpilogue = kWarps * kRows * (D + 2) * sizeof(float);
-  static constexpr size_t kSmem = kSmemPipeline > kSmemEpilogue ? kSmemPipeline : kSmemEpilogue;
+  static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
+  // An item's epilogue merges the warps' fp32 outputs in one consumed stage (K and V).
+  static_assert(kWarps * kRows * D * sizeof(float) <= 2 * kTileElems * 2, "epilogue must fit a stage");
 };
 
 template <int D>
@@ -70,21 +74,59 @@ struct PlanStates {
 };
 
 
+// Walks the tiles of one CTA slot's work items in order. Every item has at
+// least one tile: an item with no visible keys runs one fully masked tile, so
+// it still writes its zeros and -inf.
+struct TileCursor {
+  int item, item_end;   // current item; one past the slot's last
+  int tile, num_tiles;  // tile within the item
+  int request;          // -1: padding (or a corrupt plan), computes nothing visible, writes nothing
+  int kv_begin, kv_end, q_pos;
+  int64_t page_begin, page_end;  // entries of kv_indices, clamped to the array
+
+  __device__ bool done() const { return item >= item_end; }
+  __device__ int first_key() const { return kv_begin + tile * kTileKeys; }
+
+  __device__ void open(const DecodeParams& p) {
+    tile = 0, num_tiles = 1, request = -1, kv_begin = kv_end = 0, q_pos = -1;
+    page_begin = page_end = 0;
+    if (done()) return;
+    const int32_t* f = p.items + int64_t(item) * kItemFields;
+    const int req = f[kItemRequest];
+    if (req < 0 || req >= p.batch) return;
+    request = req;
+    const int kv_len = f[kItemKvLen];
+    q_pos = kv_len - 1;
+    page_begin = max(int64_t(f[kItemPageBegin]), int64_t(0));
+    page_end = min(int64_t(f[kItemPageEnd]), p.num_kv_indices);
+    kv_begin = max(max(f[kItemKvStart], p.variant.first_visible(q_pos)), 0);
+    kv_end = min(f[kItemKvEnd], kv_len);
+    if (kv_begin < kv_end) num_tiles = (kv_end - kv_begin + kTileKeys - 1) / kTileKeys;
+  }
+
+  __device__ void advance(const DecodeParams& p) {
+    if (++tile < num_tiles) return;
+    ++item;
+    open(p);
+  }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   using Cfg = Config<D>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kChunks = Cfg::kChunks;
   extern __shared__ __align__(128) uint8_t smem[];
-  T* s_k = reinterpret_cast<T*>(smem);             // [kStages][kTileKeys][D]
-  T* s_v = s_k + kStages * Cfg::kTileElems;        // [kStages][kTileKeys][D]
-  T* s_q = s_v + kStages * Cfg::kTileElems;        // [kRows][D]
+  // Stage s holds K then V of one tile ([kTileKeys][D] each); s_q follows.
+  auto stage_k = [&](int stage) { return reinterpret_cast<T*>(smem) + stage * 2 * Cfg::kTileElems; };
+  T* s_q = stage_k(kStages);  // [kRows][D]
 
-  // Consecutive CTAs take the KV heads of one item: in the NHD layout they read
+  // Consecutive CTAs take the KV heads of one slot: in the NHD layout they read
   // neighbouring parts of the same key rows at the same time.
-  const int item = blockIdx.y;
-  const int request = p.item_request[item];
-  if (request < 0 || request >= p.batch) return;  // padding item (or a corrupt plan)
+  const int slot = blockIdx.y;
+  const int item_begin = min(max(p.cta_items[slot], 0), p.num_items);
+  const int item_end = min(max(p.cta_items[slot + 1], item_begin), p.num_items);
+  if (item_begin >= item_end) return;  // an idle slot (a small batch)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
 
@@ -93,46 +135,34 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int kv_head = blockIdx.x / row_tiles;
   const int head0 = kv_head * group + (blockIdx.x % row_tiles) * kRows;  // first query head
   const int rows = min(kRows, kv_head * group + group - head0);
-
-  // Key range of this item, clipped to what the device page table holds.
-  const int page_begin = p.kv_indptr[request];
-  const int page_end = p.kv_indptr[request + 1];
-  const int kv_len = page_end > page_begin ? (page_end - page_begin - 1) * p.page_size +
-                                                 p.kv_last_page_len[request]
-                                           : 0;
-  const int q_pos = kv_len - 1;
   const AttentionVariant& var = p.variant;
-  const int kv_begin = max(p.item_kv_start[item], var.first_visible(q_pos));
-  const int kv_end = min(p.item_kv_end[item], kv_len);
-  const int num_tiles = kv_begin < kv_end ? (kv_end - kv_begin + kTileKeys - 1) / kTileKeys : 0;
 
   const T* k_base = static_cast<const T*>(p.k) + kv_head * p.stride_head;
   const T* v_base = static_cast<const T*>(p.v) + kv_head * p.stride_head;
 
   // Element offset (page * stride_page + slot * stride_slot) of each key row,
-  // resolved one tile ahead of its cp.async by one thread per row, so the
-  // dependent kv_indices read and the index arithmetic leave the copy loop;
-  // -1 = no such key (past the range, past the request's page list, or a page
-  // outside the cache). Slots are indexed by tile % (kStages + 1): one more
-  // than the stages, so the slot refilled after a tile's compute is never one
-  // another warp still reads.
+  // resolved kStages tiles ahead of its compute by one thread per row, so the
+  // dependent plan and kv_indices reads leave the copy loop; -1 = no such key
+  // (past the range, past the request's page list, or a page outside the
+  // cache). Row slots are indexed by tile % (kStages + 1): one more than the
+  // stages, so the slot refilled after a tile's compute is never one another
+  // warp still reads.
   constexpr int kRowSlots = kStages + 1;
   __shared__ int64_t s_row[kRowSlots][kTileKeys];
-  auto row_offset = [&](int tile) -> int64_t {  // for key row tid of `tile` (tid < kTileKeys)
-    const int pos = kv_begin + tile * kTileKeys + tid;
+  auto row_offset = [&](const TileCursor& c) -> int64_t {  // key row tid of c's tile (tid < kTileKeys)
+    const int pos = c.first_key() + tid;
     const int page_in_request = pos / p.page_size;
-    const int64_t entry = int64_t(page_begin) + page_in_request;
-    if (tile >= num_tiles || pos >= kv_end || entry >= page_end || entry < 0 ||
-        entry >= p.num_kv_indices) {
-      return -1;
-    }
+    const int64_t entry = c.page_begin + page_in_request;
+    if (c.done() || c.request < 0 || pos < 0 || pos >= c.kv_end || entry >= c.page_end) return -1;
     const int64_t page = p.kv_indices[entry];
     if (page < 0 || page >= p.num_pages) return -1;
     return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
   };
 
-  // Issues the cp.async of tile `tile` into stage `stage`; missing keys are zero-filled.
-  auto load_tile = [&](int tile, int stage) {
+  // Issues the cp.async of tile `tile` into its stage; missing keys are zero-filled.
+  auto load_tile = [&](int tile) {
+    T* s_k = stage_k(tile % kStages);
+    T* s_v = s_k + Cfg::kTileElems;
     const int chunk = tid % kChunks;
     constexpr int kRowsPerPass = kThreads / kChunks;
 #pragma unroll
@@ -140,47 +170,57 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const int row = tid / kChunks + pass * kRowsPerPass;
       const int64_t offset = s_row[tile % kRowSlots][row];
       const bool ok = offset >= 0;
-      const int dst = stage * Cfg::kTileElems + swizzle<D>(row, chunk);
+      const int dst = swizzle<D>(row, chunk);
       cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
       cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
     }
   };
 
   // Prologue: rows of the first kStages tiles, then the first kStages - 1 loads.
+  TileCursor cur{item_begin, item_end};
+  cur.open(p);
+  TileCursor ahead = cur;  // the tile whose rows are resolved next
   for (int s = 0; s < kStages; ++s) {
-    if (tid < kTileKeys) s_row[s % kRowSlots][tid] = row_offset(s);
+    if (tid < kTileKeys) s_row[s][tid] = row_offset(ahead);
+    ahead.advance(p);
   }
   __syncthreads();
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
+    load_tile(s);
     cp_async_commit();
   }
 
-  // q rows -> shared (zeros past the group), rotated in place when RoPE is on.
-  const T* q = static_cast<const T*>(p.q) + (int64_t(request) * p.num_qo_heads + head0) * D;
-  for (int i = tid; i < kRows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    float x[8] = {};
-    if (r < rows) load_float<T, 8>(q + r * D + c * 8, x);
-    store_float<T, 8>(s_q + swizzle<D>(r, c), x);
-  }
-  // RoPE in shared memory: row r of `tile` sits at position first_pos + r * pos_step.
-  auto rotate_rows = [&](T* tile, int num_rows, int first_pos, int pos_step) {
-    for (int i = tid; i < num_rows * (D / 2); i += kThreads) {
+  // The item's query rows -> s_q (zeros past the group), RoPE applied to each
+  // (x[j], x[j + D/2]) pair on the way, both halves loaded by one thread.
+  auto load_queries = [&](const TileCursor& c) {
+    const T* q = static_cast<const T*>(p.q) + (int64_t(max(c.request, 0)) * p.num_qo_heads + head0) * D;
+    for (int i = tid; i < kRows * (kChunks / 2); i += kThreads) {
+      const int r = i / (kChunks / 2), ch = i % (kChunks / 2);
+      float lo[8] = {}, hi[8] = {};
+      if (r < rows && c.request >= 0) {
+        load_float<T, 8>(q + r * D + ch * 8, lo);
+        load_float<T, 8>(q + r * D + D / 2 + ch * 8, hi);
+        if (var.rope) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) var.rope_pair(lo[e], hi[e], ch * 8 + e, D, c.q_pos);
+        }
+      }
+      store_float<T, 8>(s_q + swizzle<D>(r, ch), lo);
+      store_float<T, 8>(s_q + swizzle<D>(r, ch + kChunks / 2), hi);
+    }
+  };
+  // RoPE on a K tile in shared memory: row r sits at position first_pos + r.
+  auto rotate_keys = [&](T* tile, int first_pos) {
+    for (int i = tid; i < kTileKeys * (D / 2); i += kThreads) {
       const int r = i / (D / 2), j = i % (D / 2);
       T* lo_p = tile + swizzle<D>(r, j / 8) + j % 8;
       T* hi_p = tile + swizzle<D>(r, (j + D / 2) / 8) + j % 8;
       float lo = to_float(*lo_p), hi = to_float(*hi_p);
-      var.rope_pair(lo, hi, j, D, first_pos + r * pos_step);
+      var.rope_pair(lo, hi, j, D, first_pos + r);
       *lo_p = from_float<T>(lo);
       *hi_p = from_float<T>(hi);
     }
   };
-  if (var.rope) {
-    __syncthreads();
-    rotate_rows(s_q, kRows, q_pos, 0);  // every query head sits at q_pos
-  }
-  __syncthreads();
 
   // Q as A fragments, one per 16-wide k-step: held in registers up to D = 128,
   // re-read from shared memory each tile beyond (registers go to the output).
@@ -190,30 +230,94 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     ldmatrix_x4(frag, s_q + swizzle<D>((lane % 8) + 8 * (mi % 2), 2 * ks + mi / 2));
   };
   uint32_t q_frag[kQInRegisters ? D / 16 : 1][4];
-  if constexpr (kQInRegisters) {
+
+  float o[D / 8][4];  // this warp's unnormalised output, C fragments per 8-wide d-tile
+  float m[2];         // running max (base 2) of rows gid and gid + 8
+  float l[2];         // this lane's share of the running sums
+
+  // Epilogue of an item, after the compute of its last tile (in `stage`): the
+  // warps' states merge through that stage's shared memory, which no copy
+  // targets until the next iteration's barrier.
+  __shared__ float s_m[kWarps * kRows], s_l[kWarps * kRows];
+  auto finish_item = [&](const TileCursor& c, int stage) {
+    __syncthreads();  // every warp is done reading the stage
+    float* s_o = reinterpret_cast<float*>(stage_k(stage));  // [kWarps][kRows][D]
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
-  }
+    for (int r = 0; r < 2; ++r) {
+      l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+      l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+      if (tig == 0) {
+        s_m[warp * kRows + gid + 8 * r] = m[r];
+        s_l[warp * kRows + gid + 8 * r] = l[r];
+      }
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      float* base = s_o + (warp * kRows + gid) * D + dt * 8 + 2 * tig;
+      base[0] = o[dt][0];
+      base[1] = o[dt][1];
+      base[8 * D] = o[dt][2];
+      base[8 * D + 1] = o[dt][3];
+    }
+    __syncthreads();
+    if (c.request < 0) return;
+    const bool whole_request = PlanStates::of(p, D).done(int64_t(c.request) * p.num_qo_heads);
+    for (int i = tid; i < rows * D; i += kThreads) {
+      const int r = i / D, d = i % D;
+      float m_all = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w * kRows + r]);
+      float sum = 0.f, acc = 0.f;
+      if (m_all != -INFINITY) {
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float wgt = exp2f(s_m[w * kRows + r] - m_all);
+          sum += wgt * s_l[w * kRows + r];
+          acc += wgt * s_o[(w * kRows + r) * D + d];
+        }
+      }
+      const float out = sum > 0.f ? acc / sum : 0.f;
+      const float out_lse = sum > 0.f ? m_all + log2f(sum) : -INFINITY;
+      if (whole_request) {  // the request's only item: write the final output, skip the merge
+        const int64_t out_row = int64_t(c.request) * p.num_qo_heads + head0 + r;
+        static_cast<T*>(p.o)[out_row * D + d] = from_float<T>(out);
+        if (d == 0) p.lse[out_row] = out_lse;
+      } else {
+        const int64_t out_row = int64_t(c.item) * p.num_qo_heads + head0 + r;
+        p.partial_o[out_row * D + d] = out;
+        if (d == 0) p.partial_lse[out_row] = out_lse;
+      }
+    }
+  };
 
-  float o[D / 8][4] = {};  // this warp's unnormalised output, C fragments per 8-wide d-tile
-  float m[2] = {-INFINITY, -INFINITY};  // running max (base 2) of rows gid and gid + 8
-  float l[2] = {0.f, 0.f};              // this lane's share of the running sums
-
-  for (int tile = 0; tile < num_tiles; ++tile) {
+  for (int tile = 0; !cur.done(); ++tile) {
+    const bool item_start = cur.tile == 0;
+    if (item_start) load_queries(cur);  // its global reads overlap the copies in flight
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // the tile has landed; every warp is done with the stage refilled next
-    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+    __syncthreads();  // the tile has landed; s_q is written; every warp is done with the stage refilled next
+    load_tile(tile + kStages - 1);
     cp_async_commit();
     // Rows of tile + kStages, stored after this tile's compute (the slot's last
     // readers, load_tile and the masks of tile - 1, finished before the barrier above).
-    const int64_t next_row = tid < kTileKeys ? row_offset(tile + kStages) : -1;
+    const int64_t next_row = tid < kTileKeys ? row_offset(ahead) : -1;
+    ahead.advance(p);
 
     const int stage = tile % kStages;
-    const int first = kv_begin + tile * kTileKeys;
-    T* s_kt = s_k + stage * Cfg::kTileElems;
-    const T* s_vt = s_v + stage * Cfg::kTileElems;
+    const int first = cur.first_key(), q_pos = cur.q_pos;
+    T* s_kt = stage_k(stage);
+    const T* s_vt = s_kt + Cfg::kTileElems;
+    if (item_start) {
+      if constexpr (kQInRegisters) {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
+      }
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+      m[0] = m[1] = -INFINITY;
+      l[0] = l[1] = 0.f;
+    }
     if (var.rope) {
-      rotate_rows(s_kt, kTileKeys, first, 1);
+      rotate_keys(s_kt, first);
       __syncthreads();
     }
     const int key0 = warp * 16;
@@ -282,60 +386,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       mma_16816<T>(o[2 * dt2 + 1], p_frag, b[2], b[3]);
     }
     if (tid < kTileKeys) s_row[(tile + kStages) % kRowSlots][tid] = next_row;
+    if (cur.tile == cur.num_tiles - 1) finish_item(cur, stage);
+    cur.advance(p);
   }
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory is reused below
-
-  // Merge the 4 warps' states through shared memory.
-  float* s_o = reinterpret_cast<float*>(smem);     // [kWarps][kRows][D]
-  float* s_m = s_o + kWarps * kRows * D;           // [kWarps][kRows]
-  float* s_l = s_m + kWarps * kRows;               // [kWarps][kRows]
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-    if (tig == 0) {
-      s_m[warp * kRows + gid + 8 * r] = m[r];
-      s_l[warp * kRows + gid + 8 * r] = l[r];
-    }
-  }
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    float* base = s_o + (warp * kRows + gid) * D + dt * 8 + 2 * tig;
-    base[0] = o[dt][0];
-    base[1] = o[dt][1];
-    base[8 * D] = o[dt][2];
-    base[8 * D + 1] = o[dt][3];
-  }
-  __syncthreads();
-
-  const bool single_item = PlanStates::of(p, D).done(int64_t(request) * p.num_qo_heads);
-  for (int i = tid; i < rows * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    float m_all = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w * kRows + r]);
-    float sum = 0.f, acc = 0.f;
-    if (m_all != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float wgt = exp2f(s_m[w * kRows + r] - m_all);
-        sum += wgt * s_l[w * kRows + r];
-        acc += wgt * s_o[(w * kRows + r) * D + d];
-      }
-    }
-    const float out = sum > 0.f ? acc / sum : 0.f;
-    const float out_lse = sum > 0.f ? m_all + log2f(sum) : -INFINITY;
-    if (single_item) {  // the request's only item: write the final output, skip the merge
-      const int64_t out_row = int64_t(request) * p.num_qo_heads + head0 + r;
-      static_cast<T*>(p.o)[out_row * D + d] = from_float<T>(out);
-      if (d == 0) p.lse[out_row] = out_lse;
-    } else {
-      const int64_t out_row = int64_t(item) * p.num_qo_heads + head0 + r;
-      p.partial_o[out_row * D + d] = out;
-      if (d == 0) p.partial_lse[out_row] = out_lse;
-    }
-  }
+  cp_async_wait<0>();  // the zero-filled copies past the end
 }
 
 }  // namespace decode_detail
@@ -361,8 +415,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
         opted_in[device & 63] = true;
       }
       const int group = p.num_qo_heads / p.num_kv_heads;
-      const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_items);
-      if (p.num_items > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
+      const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_ctas);
+      if (p.num_ctas > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
       launch_merge(PlanStates::of(p, kHeadDim), static_cast<T*>(p.o), p.lse,
                    int64_t(p.batch) * p.num_qo_heads, kHeadDim, stream);
       return cudaGetLastError();

@@ -1,10 +1,12 @@
-// Paged-KV batch decode: one query token per request, split-KV work items
-// from the host planner (jaxinfer/decode.py), then a merge of the partials.
+// Paged-KV batch decode: one query token per request. The host planner
+// (jaxinfer/decode.py) cuts the batch's keys into one wave of equal runs;
+// each CTA slot walks its run's work items (key ranges of requests), then a
+// merge kernel combines the partials of requests cut across CTAs.
 //
 // The plan is data, not launch shape: the grid is [kv heads x head tiles,
-// num_items] for the static item capacity, padded items exit at once, and every kernel
-// reads the page table and the plan from device memory. Launches are thus
-// identical from step to step, as command buffers require.
+// CTA slots] for the static slot count, and every kernel reads the page
+// table and the plan from device memory. Launches are thus identical from
+// step to step, as command buffers require.
 #pragma once
 #include <cstdint>
 
@@ -13,11 +15,18 @@
 
 namespace jaxinfer {
 
+// Columns of one work item in the plan (jaxinfer/decode.py ITEM_*): the keys
+// [kv_start, kv_end) of `request`, whose length is kv_len and whose pages are
+// kv_indices[page_begin, page_end).
+enum ItemField { kItemRequest, kItemKvStart, kItemKvEnd, kItemKvLen, kItemPageBegin, kItemPageEnd,
+                 kItemFields };
+
 struct DecodeParams {
   DType dtype;  // of q, the caches and o
   int batch;    // static capacity (rows of q)
   int num_qo_heads, num_kv_heads, head_dim, page_size;
-  int num_items;  // static capacity of the work-item arrays
+  int num_items;  // static capacity of the work items
+  int num_ctas;   // CTA slots (per KV head and head tile)
   int64_t num_pages;       // pages in the cache (page indices outside [0, num_pages) are skipped)
   int64_t num_kv_indices;  // length of kv_indices
 
@@ -28,13 +37,10 @@ struct DecodeParams {
   const void* v;
   int64_t stride_page, stride_slot, stride_head;
 
-  const int32_t* kv_indptr;         // [batch + 1]
-  const int32_t* kv_indices;        // [num_kv_indices]
-  const int32_t* kv_last_page_len;  // [batch]
-  const int32_t* item_request;      // [num_items], -1 = padding
-  const int32_t* item_kv_start;     // [num_items]
-  const int32_t* item_kv_end;       // [num_items]
-  const int32_t* merge_indptr;      // [batch + 1]: items of request b are merge_indptr[b]..[b+1]
+  const int32_t* kv_indices;    // [num_kv_indices]
+  const int32_t* items;         // [num_items, kItemFields]; request -1 = padding
+  const int32_t* cta_items;     // [num_ctas + 1]: slot c runs items cta_items[c]..[c+1]
+  const int32_t* merge_indptr;  // [batch + 1]: items of request b are merge_indptr[b]..[b+1]
 
   void* o;             // [batch, num_qo_heads, head_dim]
   float* lse;          // [batch, num_qo_heads], base 2

@@ -31,6 +31,11 @@ def family_platforms(family: str) -> frozenset[str]:
     return frozenset(registrations)
 
 
+def module(family: str):
+    """The compiled module ``jaxinfer._<family>`` (its host helpers, such as planners)."""
+    return importlib.import_module(f"jaxinfer._{family}")
+
+
 def current_platform() -> str:
     """The XLA platform name of the default backend ('cpu' or 'CUDA')."""
     backend = jax.default_backend()

@@ -5,13 +5,12 @@
 >>> out = jax.jit(step)(q, kv_cache, plan)   # step calls jaxinfer.batch_decode(q, kv_cache, plan)
 
 The plan is a pytree of int32 numpy arrays whose shapes depend only on the
-static capacities (``max_batch``, ``max_pages`` and the work-item capacity
-derived from them), so a jitted step compiles once and replays for any mix
-of sequence lengths. It carries the padded page table and the split-KV work
-items: each request's keys are cut into chunks so that the GPU gets one
-full wave of equal-sized CTAs (see ``split_chunks``); each chunk is one work
-item, and a merge kernel combines each request's partial
-outputs by their log-sum-exp.
+static capacities (``max_batch``, ``max_pages`` and one wave of CTAs), so a
+jitted step compiles once and replays for any mix of sequence lengths. It
+carries the padded page table and the work: the batch's keys are cut into
+one wave of equal runs, one per CTA (``csrc/decode_plan.h``); a request cut by a
+CTA boundary leaves partial outputs that a merge kernel combines by their
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -33,15 +32,22 @@ H100_SMS = 132
 
 
 class DecodePlan(NamedTuple):
-    """Static-shape decode plan (all int32). ``B = max_batch``, ``W = work capacity``."""
+    """Static-shape decode plan (all int32). ``B = max_batch``, ``W`` = work-item capacity,
+    ``C`` = CTA slots per KV head (one wave)."""
 
     kv_indptr: np.ndarray         # [B + 1], padded with its last value
     kv_indices: np.ndarray        # [max_pages], zero past kv_indptr[-1]
     kv_last_page_len: np.ndarray  # [B], 1 for padding requests
-    item_request: np.ndarray      # [W], -1 for unused items
-    item_kv_start: np.ndarray     # [W], first key of the item's chunk
-    item_kv_end: np.ndarray       # [W], one past its last key
+    items: np.ndarray             # [W, ITEM_FIELDS]: one key range of one request (see ITEM_*)
+    cta_items: np.ndarray         # [C + 1]: CTA slot c runs items cta_items[c]..cta_items[c+1]
     merge_indptr: np.ndarray      # [B + 1]: items of request b are merge_indptr[b]..[b+1]
+
+
+# Columns of DecodePlan.items (csrc/decode.h has the same list). Each item
+# carries what the kernel would otherwise look up through the request, so
+# its first key loads wait on one read of the plan, not three.
+ITEM_REQUEST, ITEM_KV_START, ITEM_KV_END, ITEM_KV_LEN, ITEM_PAGE_BEGIN, ITEM_PAGE_END = range(6)
+ITEM_FIELDS = 6
 
 
 def ctas_per_sm(head_dim: int) -> int:
@@ -49,34 +55,14 @@ def ctas_per_sm(head_dim: int) -> int:
     return 1 if head_dim >= 256 else 2
 
 
-def wave_items(num_kv_heads: int, *, num_sms: int = H100_SMS, head_dim: int = 128) -> int:
-    """Work items that fill the GPU once: each item runs one CTA per KV head."""
+def wave_ctas(num_kv_heads: int, *, num_sms: int = H100_SMS, head_dim: int = 128) -> int:
+    """CTA slots per KV head that fill the GPU once (each slot runs one CTA per KV head)."""
     return max(1, num_sms * ctas_per_sm(head_dim) // num_kv_heads)
 
 
-def work_capacity(max_batch: int, num_kv_heads: int, *, num_sms: int = H100_SMS,
-                  head_dim: int = 128) -> int:
-    """Static number of work items: the split never makes more than batch + one wave."""
-    return max_batch + wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim)
-
-
-def split_chunks(kv_lens: np.ndarray, target_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(chunks per request, keys per chunk) for one wave of equal-sized work items.
-
-    A batch that fills the wave by itself is not split (no merge work, no
-    partials). Otherwise request b gets floor(len_b * target / total) chunks
-    (at least 1; the sum stays within target + batch), each a multiple of
-    TILE_KEYS, so every CTA of the wave reads about total / target keys and
-    the wave ends together - equal chunks matter more than their number.
-    """
-    batch = kv_lens.shape[0]
-    total = int(kv_lens.sum())
-    if batch >= target_items or total == 0:
-        return np.ones(batch, np.int64), np.maximum(kv_lens, TILE_KEYS)
-    chunks = np.maximum(1, kv_lens.astype(np.int64) * target_items // total)
-    size = -(-kv_lens // chunks)
-    size = np.maximum(TILE_KEYS, -(-size // TILE_KEYS) * TILE_KEYS)
-    return np.maximum(1, -(-kv_lens // size)), size
+def work_capacity(max_batch: int, num_ctas: int) -> int:
+    """Static number of work items: every request starts one, every CTA boundary cuts one."""
+    return max_batch + num_ctas
 
 
 def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_kv_heads: int,
@@ -88,7 +74,7 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
       kv_indptr: int [B + 1], kv_indices: int [>= kv_indptr[-1]], kv_last_page_len: int [B]:
         the step's CSR page table (see ``jaxinfer.reference``), B <= max_batch. An int32
         kv_indices already of length max_pages is used without a copy (the cheap way).
-      page_size, num_kv_heads, head_dim: of the cache (they set the CTA count per item).
+      page_size, num_kv_heads, head_dim: of the cache (they set the CTAs per wave).
       max_batch, max_pages: static capacities; the plan's shapes depend on nothing else.
       num_sms: multiprocessors of the GPU (132 on an H100 SXM).
     """
@@ -105,26 +91,15 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
         raise ValueError(f"kv_indices: expected shape [>= kv_indptr[-1]={indptr[-1]}, "
                          f"<= max_pages={max_pages}], got {indices.shape}")
 
-    # Every step below is one vectorised numpy call: the whole plan costs tens of microseconds.
-    num_pages = indptr[1:] - indptr[:-1]
-    kv_lens = np.maximum(num_pages - 1, 0) * page_size + last * (num_pages > 0)
-    chunks, chunk = split_chunks(kv_lens, wave_items(num_kv_heads, num_sms=num_sms, head_dim=head_dim))
-    capacity = work_capacity(max_batch, num_kv_heads, num_sms=num_sms, head_dim=head_dim)
-
-    merge_indptr = np.zeros(max_batch + 1, np.int32)
-    np.cumsum(chunks, out=merge_indptr[1:batch + 1])
-    num_items = int(merge_indptr[batch])
-    merge_indptr[batch + 1:] = num_items
-    assert num_items <= capacity, (num_items, capacity)
-
-    items = np.zeros((3, capacity), np.int32)  # request, kv_start, kv_end
-    items[0, num_items:] = -1
-    request = np.repeat(np.arange(batch, dtype=np.int32), chunks)
-    size = chunk[request]
-    start = (np.arange(num_items, dtype=np.int32) - merge_indptr[request]) * size
-    items[0, :num_items] = request
-    items[1, :num_items] = start
-    np.minimum(start + size, kv_lens[request], out=items[2, :num_items])
+    num_ctas = wave_ctas(num_kv_heads, num_sms=num_sms, head_dim=head_dim)
+    items = np.empty((work_capacity(max_batch, num_ctas), ITEM_FIELDS), np.int32)
+    cta_items = np.empty(num_ctas + 1, np.int32)
+    merge_indptr = np.empty(max_batch + 1, np.int32)
+    # The per-request loop runs in C++ (csrc/decode_plan.h has the rule): a few
+    # microseconds, where numpy's per-call overhead made it tens.
+    num_items = _ffi.module("decode").split_work(indptr, last, page_size, TILE_KEYS, items,
+                                                 cta_items, merge_indptr)
+    assert 0 <= num_items <= items.shape[0], num_items
 
     padded_indptr = np.full(max_batch + 1, indptr[-1], np.int32)
     padded_indptr[:batch + 1] = indptr
@@ -134,7 +109,7 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
         padded_indices[:indices.shape[0]] = indices
     padded_last = np.ones(max_batch, np.int32)
     padded_last[:batch] = last
-    return DecodePlan(padded_indptr, padded_indices, padded_last, *items, merge_indptr)
+    return DecodePlan(padded_indptr, padded_indices, padded_last, items, cta_items, merge_indptr)
 
 
 def _split_cache(paged_kv_cache, kv_layout, dims: Shapes, q):
@@ -186,8 +161,8 @@ def batch_decode(q, paged_kv_cache, plan: DecodePlan, *, kv_layout="NHD", sm_sca
     dims.check("plan.kv_indptr", plan.kv_indptr, (dims.dims["max_batch"] + 1,), int32)
     dims.check("plan.kv_indices", plan.kv_indices, ("max_pages",), int32)
     dims.check("plan.kv_last_page_len", plan.kv_last_page_len, ("max_batch",), int32)
-    for name in ("item_request", "item_kv_start", "item_kv_end"):
-        dims.check(f"plan.{name}", getattr(plan, name), ("work_items",), int32)
+    dims.check("plan.items", plan.items, ("work_items", ITEM_FIELDS), int32)
+    dims.check("plan.cta_items", plan.cta_items, ("cta_slots",), int32)
     dims.check("plan.merge_indptr", plan.merge_indptr, (dims.dims["max_batch"] + 1,), int32)
     if alibi_slopes is not None:
         dims.check("alibi_slopes", alibi_slopes, ("num_qo_heads",), (jnp.float32,))
@@ -209,14 +184,14 @@ def batch_decode(q, paged_kv_cache, plan: DecodePlan, *, kv_layout="NHD", sm_sca
                                       kv_layout=kv_layout, return_lse=return_lse, **options)
 
     batch, heads = q.shape[:2]
-    items = plan.item_request.shape[0]
+    items = plan.items.shape[0]
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads), jnp.float32),
                  jax.ShapeDtypeStruct((items, heads, head_dim), jnp.float32),  # workspace
                  jax.ShapeDtypeStruct((items, heads), jnp.float32))            # workspace
     slopes = jnp.zeros((heads,), jnp.float32) if alibi_slopes is None else alibi_slopes
     o, lse, _, _ = jax.ffi.ffi_call("jaxinfer_batch_decode", out_types, vmap_method="sequential")(
-        q, k, v, slopes, *plan,
+        q, k, v, slopes, plan.kv_indices, plan.items, plan.cta_items, plan.merge_indptr,
         kv_layout=np.int32(kv_layout == "HND"), sm_scale=np.float32(sm_scale),
         logits_soft_cap=np.float32(logits_soft_cap), window_left=np.int32(window_left),
         use_alibi=np.int32(alibi_slopes is not None), rope=np.int32(bool(rope)),

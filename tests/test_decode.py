@@ -97,6 +97,13 @@ def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, l
 # ------------------------------------------------------------------ planner (CPU)
 
 
+def items_of(plan, b):
+    """Rows of plan.items for request b, as (kv_start, kv_end) pairs in order."""
+    rows = plan.items[plan.merge_indptr[b]:plan.merge_indptr[b + 1]]
+    assert np.all(rows[:, jaxinfer.decode.ITEM_REQUEST] == b)
+    return rows[:, jaxinfer.decode.ITEM_KV_START], rows[:, jaxinfer.decode.ITEM_KV_END]
+
+
 def test_plan_shapes_are_static_and_items_tile_each_request():
     shapes = None
     for _ in range(10):
@@ -108,19 +115,30 @@ def test_plan_shapes_are_static_and_items_tile_each_request():
         assert shapes in (None, [a.shape for a in plan])
         shapes = [a.shape for a in plan]
         assert all(a.dtype == np.int32 for a in plan)
+        num_items = plan.merge_indptr[-1]
         for b in range(32):
-            items = range(plan.merge_indptr[b], plan.merge_indptr[b + 1])
+            start, end = items_of(plan, b)
             if b >= batch:
-                assert len(items) == 0
+                assert len(start) == 0
                 continue
-            assert len(items) >= 1 and all(plan.item_request[i] == b for i in items)
-            covered = [(plan.item_kv_start[i], plan.item_kv_end[i]) for i in items]
-            assert covered[0][0] == 0 and covered[-1][1] == kv_lens[b]
-            assert all(a[1] == c[0] for a, c in zip(covered, covered[1:]))
-        assert np.all(plan.item_request[plan.merge_indptr[-1]:] == -1)
+            assert len(start) >= 1 and start[0] == 0 and end[-1] == kv_lens[b]
+            np.testing.assert_array_equal(start[1:], end[:-1])
+            rows = plan.items[plan.merge_indptr[b]:plan.merge_indptr[b + 1]]
+            assert np.all(rows[:, jaxinfer.decode.ITEM_KV_LEN] == kv_lens[b])
+            assert np.all(rows[:, jaxinfer.decode.ITEM_PAGE_BEGIN] == kv_indptr[b])
+            assert np.all(rows[:, jaxinfer.decode.ITEM_PAGE_END] == kv_indptr[b + 1])
+        assert np.all(plan.items[num_items:, jaxinfer.decode.ITEM_REQUEST] == -1)
+        # The CTA slots take the items in order, all of them, each slot about the same keys.
+        assert plan.cta_items[0] == 0 and plan.cta_items[-1] == num_items
+        assert np.all(np.diff(plan.cta_items) >= 0)
+        keys = plan.items[:, jaxinfer.decode.ITEM_KV_END] - plan.items[:, jaxinfer.decode.ITEM_KV_START]
+        tiles = np.maximum(1, -(-keys // 64))[:num_items]
+        cumulative = np.concatenate([[0], np.cumsum(tiles)])
+        per_slot = cumulative[plan.cta_items[1:]] - cumulative[plan.cta_items[:-1]]
+        assert per_slot.max() <= -(-tiles.sum() // (len(plan.cta_items) - 1))
 
 
-def test_plan_splits_small_batches_and_not_large_ones():
+def test_plan_splits_long_requests_and_packs_short_ones():
     one = jaxinfer.plan_decode([0, 1024], np.arange(1024), [16], page_size=16, num_kv_heads=8,
                                max_batch=1, max_pages=1024)
     assert one.merge_indptr[1] >= 16  # b=1 x 16384 keys: spread over the GPU
@@ -128,7 +146,9 @@ def test_plan_splits_small_batches_and_not_large_ones():
     kv_indptr, kv_indices, last = page_table(kv_lens, 16, 256 * 256)
     big = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=16, num_kv_heads=8,
                                max_batch=256, max_pages=256 * 256)
-    assert big.merge_indptr[-1] == 256
+    slots = len(big.cta_items) - 1
+    assert big.merge_indptr[-1] <= 256 + slots  # about 8 whole requests per slot, a few cut
+    assert np.all(np.diff(big.cta_items) >= 7)
 
 
 def test_plan_rejects_bad_tables():
@@ -188,8 +208,8 @@ def test_bad_inputs_name_the_argument():
         jaxinfer.batch_decode(q[:, :3], (k, v), plan)
     with pytest.raises(ValueError, match=r"^plan.kv_indptr: expected shape \[3\]"):
         jaxinfer.batch_decode(q, (k, v), plan._replace(kv_indptr=plan.kv_indptr[:2]))
-    with pytest.raises(ValueError, match=r"^plan.item_kv_end: expected shape \[work_items="):
-        jaxinfer.batch_decode(q, (k, v), plan._replace(item_kv_end=plan.item_kv_end[:1]))
+    with pytest.raises(ValueError, match=r"^plan.items: expected shape \[work_items, 6\], got \(\d+, 5\)"):
+        jaxinfer.batch_decode(q, (k, v), plan._replace(items=plan.items[:, :5]))
     with pytest.raises(ValueError, match=r"^paged_kv_cache: expected at least one page"):
         jaxinfer.batch_decode(q, (k[:0], v[:0]), plan)
     with pytest.raises(ValueError, match=r"^kv_layout: expected 'NHD' or 'HND'"):
@@ -242,12 +262,13 @@ def test_corrupt_plan_and_page_table_stay_in_bounds():
     kv_indptr, kv_indices, last = page_table([40, 17, 9], 8, 16)
     plan = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=8, num_kv_heads=2,
                                 max_batch=3, max_pages=16)
-    bad = plan._replace(
-        kv_indptr=np.array([0, -7, 10**6, 3], np.int32),
-        kv_last_page_len=np.array([9, 10**5, -2], np.int32),
-        item_request=np.where(np.arange(plan.item_request.size) == 1, 10**6, plan.item_request),
-        item_kv_end=np.full_like(plan.item_kv_end, 10**7),
-        merge_indptr=np.array([0, 10**6, -4, 2], np.int32))
+    items = plan.items.copy()
+    items[1, 0] = 10**6       # a request past the batch
+    items[:, 2] = 10**7       # endless key ranges
+    items[0, 3] = 2**31 - 1   # a length past the pages
+    items[2, 4:] = [-5, 10**6]  # a page range outside kv_indices
+    slots = np.where(np.arange(plan.cta_items.size) % 2, 10**6, -3).astype(np.int32)  # overlapping
+    bad = plan._replace(items=items, cta_items=slots, merge_indptr=np.array([0, 10**6, -4, 2], np.int32))
     q = jax.random.normal(jax.random.key(4), (3, 4, 64), jnp.bfloat16)
     jax.block_until_ready(jax.jit(jaxinfer.batch_decode)(q, (k, v), bad))
 

@@ -36,17 +36,23 @@ int main() {
   jaxinfer::DecodeParams p{};
   p.dtype = jaxinfer::DType::kBFloat16;
   p.batch = batch, p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
-  p.page_size = page, p.num_items = items, p.num_pages = pages, p.num_kv_indices = 5;
+  p.page_size = page, p.num_items = items, p.num_ctas = 4, p.num_pages = pages, p.num_kv_indices = 5;
   p.q = upload(q), p.k = upload(kv), p.v = upload(kv);
   p.stride_page = page * kv_heads * dim, p.stride_slot = kv_heads * dim, p.stride_head = dim;
-  // Corrupt tables: indptr out of order and past kv_indices, page ids out of range,
-  // last-page lengths past the page, items naming absent requests and endless ranges.
-  p.kv_indptr = upload(std::vector<int>{0, -7, 1000000, 3});
+  // Corrupt tables: page ids out of range; items naming absent requests, page
+  // ranges outside kv_indices, lengths past the pages and endless key ranges;
+  // CTA slots overlapping and outside the items.
   p.kv_indices = upload(std::vector<int>{3, 99, -1, 15, 16});
-  p.kv_last_page_len = upload(std::vector<int>{9, 100000, -2});
-  p.item_request = upload(std::vector<int>{0, 1000000, 2, -1, 1, 0});
-  p.item_kv_start = upload(std::vector<int>{0, 0, -50, 0, 5, 1 << 30});
-  p.item_kv_end = upload(std::vector<int>{1 << 30, 64, 1 << 30, 0, 1 << 20, 1 << 30});
+  const int big = 1 << 30;
+  p.items = upload(std::vector<int>{
+      // request, kv_start, kv_end, kv_len, page_begin, page_end
+      0, 0, 100000, big, 0, 5,    //
+      1000000, 0, 64, 64, 0, 5,   //
+      2, -50, 200000, 9, -7, 3,   //
+      -1, 0, 0, 0, 0, 0,          //
+      1, 5, 100000, 100000, 2, 1000000,  //
+      0, big, big, big, 4, 5});
+  p.cta_items = upload(std::vector<int>{0, 3, -2, 1000000, 6});
   p.merge_indptr = upload(std::vector<int>{0, 1000000, -4, 2});
   cudaMalloc(&p.o, batch * heads * dim * sizeof(__nv_bfloat16));
   cudaMalloc(&p.lse, batch * heads * sizeof(float));
