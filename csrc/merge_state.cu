@@ -42,10 +42,10 @@ cudaError_t merge_cuda(const MergeParams& p, cudaStream_t stream) {
     const int64_t rows = p.tokens * p.heads;
     if (p.v_b != nullptr) {
       PairStates<T> states{static_cast<const T*>(p.v_a), p.s_a, static_cast<const T*>(p.v_b), p.s_b, p.dim};
-      launch_merge(states, out, p.s_out, rows, p.dim, stream);
+      launch_merge(states, out, p.s_out, rows, p.dim, 2, stream);
     } else {
       StackedStates<T> states{static_cast<const T*>(p.v_a), p.s_a, p.num_states, p.heads, p.dim};
-      launch_merge(states, out, p.s_out, rows, p.dim, stream);
+      launch_merge(states, out, p.s_out, rows, p.dim, p.num_states, stream);
     }
   });
   return cudaGetLastError();

@@ -22,54 +22,98 @@ namespace jaxinfer {
 template <typename Out, int kVec, typename States>
 __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
+  // Block = [state groups (y)] x [rows of this block] x [threads of a row];
+  // group g takes states g, g + groups, ...: with few rows and many states (a
+  // split-KV decode at small batch) the groups put every state's loads in
+  // flight at once instead of a chain of memory latencies per thread.
   const int threads_per_row = static_cast<int>(dim / kVec);
-  const int64_t row = blockIdx.x * int64_t(blockDim.x / threads_per_row) + threadIdx.x / threads_per_row;
+  const int groups = blockDim.y, group = threadIdx.y;
+  const int rows_per_block = blockDim.x / threads_per_row;
+  const int local_row = threadIdx.x / threads_per_row;
+  const int64_t row = blockIdx.x * int64_t(rows_per_block) + local_row;
   const int64_t col = int64_t(threadIdx.x % threads_per_row) * kVec;
-  if (row >= rows || states.done(row)) return;
-  const int n = states.count(row);
+  const bool active = row < rows && !states.done(row);
 
-  // Unrolled so that several states' loads are in flight at once: a split-KV
-  // decode merges tens of states per row, and a serial chain of dependent
-  // loads would cost a memory latency per state.
-  float m = -INFINITY;
-#pragma unroll 8
-  for (int i = 0; i < n; ++i) m = fmaxf(m, states.lse(row, i));
-
-  float acc[kVec] = {};
-  float sum = 0.f;
-  if (m != -INFINITY) {
-#pragma unroll 8
-    for (int i = 0; i < n; ++i) {
-      const float w = exp2f(states.lse(row, i) - m);
-      float x[kVec];
-      load_float<Elem, kVec>(states.v(row, i) + col, x);
+  float m = -INFINITY, sum = 0.f, acc[kVec] = {};
+  if (active) {
+    const int n = states.count(row);
+#pragma unroll 4
+    for (int i = group; i < n; i += groups) m = fmaxf(m, states.lse(row, i));
+    if (m != -INFINITY) {
+#pragma unroll 4
+      for (int i = group; i < n; i += groups) {
+        const float w = exp2f(states.lse(row, i) - m);
+        float x[kVec];
+        load_float<Elem, kVec>(states.v(row, i) + col, x);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) acc[k] += w * x[k];
-      sum += w;
+        for (int k = 0; k < kVec; ++k) acc[k] += w * x[k];
+        sum += w;
+      }
     }
   }
+  if (groups > 1) {  // group 0 folds in the other groups' (m, sum, acc)
+    extern __shared__ float s_part[];  // [groups][rows_per_block] x (m, sum), then [groups][blockDim.x][kVec]
+    float* s_ms = s_part;
+    float* s_acc = s_part + 2 * groups * rows_per_block;
+    const int slot = group * rows_per_block + local_row;
+    if (threadIdx.x % threads_per_row == 0) s_ms[2 * slot] = m, s_ms[2 * slot + 1] = sum;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) s_acc[(group * blockDim.x + threadIdx.x) * kVec + k] = acc[k];
+    __syncthreads();
+    if (group == 0) {
+      float m_all = m;
+      for (int g = 1; g < groups; ++g) m_all = fmaxf(m_all, s_ms[2 * (g * rows_per_block + local_row)]);
+      sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] = 0.f;
+      if (m_all != -INFINITY) {
+        for (int g = 0; g < groups; ++g) {
+          const int gs = g * rows_per_block + local_row;
+          const float w = exp2f(s_ms[2 * gs] - m_all);
+          sum += w * s_ms[2 * gs + 1];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) acc[k] += w * s_acc[(g * blockDim.x + threadIdx.x) * kVec + k];
+        }
+      }
+      m = m_all;
+    }
+  }
+  if (!active || group != 0) return;
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
   for (int k = 0; k < kVec; ++k) acc[k] *= inv;
-  // In-place merges alias v_out with state 0: every read above precedes this
-  // write within the thread, and no thread reads another thread's elements.
+  // In-place merges alias v_out with state 0: every read of a state precedes
+  // this write (within the thread, or before the barrier above), and no
+  // thread reads another row's or another column's elements.
   store_float<Out, kVec>(v_out + row * dim + col, acc);
   if (col == 0) s_out[row] = sum > 0.f ? m + log2f(sum) : -INFINITY;
 }
 
-// Launches merge_kernel over `rows` rows of `dim` elements. dim must be at
-// most 1024, or a multiple of the 16-byte vector width of States::Elem.
+// Launches merge_kernel over `rows` rows of `dim` elements, each merging at
+// most `max_states` states (a static bound: it sizes the launch, never the
+// work). dim must be at most 1024, or a multiple of the 16-byte vector width
+// of States::Elem.
 template <typename Out, typename States>
 void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, int64_t dim,
-                  cudaStream_t stream) {
+                  int64_t max_states, cudaStream_t stream) {
   if (rows == 0 || dim == 0) return;
   auto go = [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     const int threads_per_row = static_cast<int>(dim / kVec);
-    const int rows_per_block = threads_per_row >= 256 ? 1 : 256 / threads_per_row;
+    // State groups while the grid is short of about 64 threads per SM-slot
+    // (132 SMs x 2048) and states remain to share out.
+    int groups = 1;
+    while (groups < 8 && 2 * groups <= max_states && threads_per_row * 2 * groups <= 256 &&
+           rows * threads_per_row * groups < 132 * 2048) {
+      groups *= 2;
+    }
+    const int row_threads = threads_per_row * groups >= 256 ? threads_per_row
+                                                            : 256 / groups / threads_per_row * threads_per_row;
+    const int rows_per_block = row_threads / threads_per_row;
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-    merge_kernel<Out, kVec><<<blocks, rows_per_block * threads_per_row, 0, stream>>>(
-        states, v_out, s_out, rows, dim);
+    const size_t smem = groups > 1 ? (2 * groups * rows_per_block + groups * row_threads * kVec) * sizeof(float) : 0;
+    merge_kernel<Out, kVec><<<blocks, dim3(row_threads, groups), smem, stream>>>(states, v_out, s_out,
+                                                                                  rows, dim);
   };
   constexpr int kWide = 16 / sizeof(typename States::Elem);
   if (dim % kWide == 0 && dim / kWide <= 1024) {
