@@ -92,7 +92,6 @@ struct TileCursor {
     page_begin = page_end = 0;
     if (done()) return;
     const int32_t* f = p.items + int64_t(item) * kItemFields;
-    if (item + 1 < item_end) prefetch_l2(f + kItemFields);  // read a few tiles from now
     const int req = f[kItemRequest];
     if (req < 0 || req >= p.batch) return;
     request = req;
@@ -160,15 +159,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
   };
 
-  // The page-table entries read kPrefetchTiles tiles after c's are pulled into
-  // L2 now: at full bandwidth a DRAM read waits behind the K/V stream for
-  // microseconds, and the loop cannot run ahead of its next rows.
-  constexpr int kPrefetchTiles = 4;
-  auto prefetch_rows = [&](const TileCursor& c) {  // tid < kTileKeys
-    const int64_t entry = c.page_begin + (c.first_key() + kPrefetchTiles * kTileKeys + tid) / p.page_size;
-    if (!c.done() && c.request >= 0 && entry < c.page_end) prefetch_l2(p.kv_indices + entry);
-  };
-
   // Issues the cp.async of tile `tile` into its stage; missing keys are zero-filled.
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);
@@ -191,10 +181,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   cur.open(p);
   TileCursor ahead = cur;  // the tile whose rows are resolved next
   for (int s = 0; s < kStages; ++s) {
-    if (tid < kTileKeys) {
-      prefetch_rows(ahead);
-      s_row[s][tid] = row_offset(ahead);
-    }
+    if (tid < kTileKeys) s_row[s][tid] = row_offset(ahead);
     ahead.advance(p);
   }
   __syncthreads();
@@ -312,7 +299,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     cp_async_commit();
     // Rows of tile + kStages, stored after this tile's compute (the slot's last
     // readers, load_tile and the masks of tile - 1, finished before the barrier above).
-    if (tid < kTileKeys) prefetch_rows(ahead);
     const int64_t next_row = tid < kTileKeys ? row_offset(ahead) : -1;
     ahead.advance(p);
 

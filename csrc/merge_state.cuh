@@ -100,11 +100,12 @@ void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, 
   auto go = [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     const int threads_per_row = static_cast<int>(dim / kVec);
-    // State groups while the grid is short of about 64 threads per SM-slot
-    // (132 SMs x 2048) and states remain to share out.
+    // State groups only while the grid is far from filling the GPU (under a
+    // quarter of 132 SMs x 2048 threads) and states remain to share out; with
+    // more rows, one group per row already keeps enough loads in flight.
     int groups = 1;
     while (groups < 8 && 2 * groups <= max_states && threads_per_row * 2 * groups <= 256 &&
-           rows * threads_per_row * groups < 132 * 2048) {
+           rows * threads_per_row * groups < 132 * 512) {
       groups *= 2;
     }
     const int row_threads = threads_per_row * groups >= 256 ? threads_per_row
