@@ -6,8 +6,9 @@
 //
 // Semantics (identical to jaxinfer/reference.py):
 //   s = sm_scale * q.k; if soft_cap > 0: s = soft_cap * tanh(s / soft_cap);
-//   s += alibi_slope[head] * (kv_pos - q_pos); masked when window_left >= 0
-//   and kv_pos < q_pos - window_left. RoPE (rotate-half) at absolute positions.
+//   s += alibi_slope[head] * (kv_pos - q_pos); masked when causal and
+//   kv_pos > q_pos, or when window_left >= 0 and kv_pos < q_pos - window_left.
+//   RoPE (rotate-half) at absolute positions.
 #pragma once
 #include <cmath>
 
@@ -15,6 +16,7 @@ namespace jaxinfer {
 
 struct AttentionVariant {
   float sm_scale = 1.f;
+  bool causal = false;              // decode: a no-op (the query sits after every key)
   float soft_cap = 0.f;             // <= 0: off
   int window_left = -1;             // < 0: off
   const float* alibi_slopes = nullptr;  // [num_qo_heads] or nullptr
@@ -35,7 +37,12 @@ struct AttentionVariant {
   }
 
   __device__ __forceinline__ bool visible(int kv_pos, int q_pos) const {
-    return window_left < 0 || kv_pos >= q_pos - window_left;
+    return (!causal || kv_pos <= q_pos) && (window_left < 0 || kv_pos >= q_pos - window_left);
+  }
+
+  // One past the last key position a query at q_pos can see, of kv_len keys.
+  __device__ __forceinline__ int end_visible(int q_pos, int kv_len) const {
+    return causal ? min(kv_len, q_pos + 1) : kv_len;
   }
 
   // First key position any query at q_pos can see (lets kernels skip whole tiles).

@@ -9,7 +9,9 @@ Pass ``implementation="reference"`` to any op to force the jnp path.
 from jaxinfer import reference
 from jaxinfer.decode import DecodePlan, batch_decode, plan_decode
 from jaxinfer.merge import merge_state, merge_states
+from jaxinfer.prefill import PrefillPlan, batch_prefill, batch_prefill_ragged, plan_prefill
 
 __version__ = "0.1.0"
 
-__all__ = ["DecodePlan", "batch_decode", "merge_state", "merge_states", "plan_decode", "reference"]
+__all__ = ["DecodePlan", "PrefillPlan", "batch_decode", "batch_prefill", "batch_prefill_ragged",
+           "merge_state", "merge_states", "plan_decode", "plan_prefill", "reference"]

@@ -1,0 +1,65 @@
+// Batch prefill / append attention over a paged or a ragged KV cache. Each
+// request has its own query and key counts; its queries are the LAST q_len
+// positions of its keys (see jaxinfer/reference.py).
+//
+// Work: the host planner (csrc/prefill_plan.h) cuts each request's queries,
+// packed with their GQA group as rows (row = token * group + head in group),
+// into tiles of kPrefillTileRows rows; one work item per tile, heaviest
+// first. The grid is [kv heads, item capacity]: padding items exit at once,
+// so launches depend on static shapes only, as command buffers require.
+#pragma once
+#include <cstdint>
+
+#include "csrc/attention_variant.cuh"
+#include "csrc/dtype.h"
+
+namespace jaxinfer {
+
+constexpr int kPrefillTileRows = 64;  // packed query rows per CTA (4 warps x 16)
+
+// Columns of one work item (jaxinfer/prefill.py ITEM_*): query rows
+// [row_begin, row_begin + kPrefillTileRows) of the request whose queries are
+// q[q_begin, q_begin + q_len) and whose kv_len keys are entries
+// [kv_begin, kv_end) of kv_indices (paged) or rows [kv_begin, kv_end) of k, v
+// (ragged); its custom mask, if any, starts at mask_begin.
+enum PrefillItemField {
+  kPfRequest, kPfQBegin, kPfQLen, kPfRowBegin, kPfKvLen, kPfKvBegin, kPfKvEnd, kPfMaskBegin,
+  kPfItemFields
+};
+
+struct PrefillParams {
+  DType dtype;
+  int num_qo_heads, num_kv_heads, head_dim;
+  int page_size;    // 1 for a ragged cache
+  int num_items;    // static item capacity
+  int64_t total_q;  // rows of q and o
+  int64_t num_pages;       // pages in the cache (ragged: rows of k and v)
+  int64_t num_kv_indices;  // length of kv_indices (unused when ragged)
+
+  const void* q;  // [total_q, num_qo_heads, head_dim]
+  // Key (value) element (page, slot, head, d) sits at
+  // k (v) + page * stride_page + slot * stride_slot + head * stride_head + d.
+  const void* k;
+  const void* v;
+  int64_t stride_page, stride_slot, stride_head;
+  const int32_t* kv_indices;  // nullptr: ragged (the item's kv range names rows of k, v)
+  const int32_t* items;       // [num_items, kPfItemFields]; request < 0 = padding
+  const uint8_t* custom_mask;  // flattened per request [q_len, kv_len] row major, or nullptr
+  int64_t mask_len;
+
+  void* o;     // [total_q, num_qo_heads, head_dim]
+  float* lse;  // [total_q, num_qo_heads], base 2
+
+  AttentionVariant variant;
+};
+
+}  // namespace jaxinfer
+
+#ifdef JAXINFER_WITH_CUDA
+#include <cuda_runtime_api.h>
+namespace jaxinfer {
+cudaError_t prefill_cuda(const PrefillParams& p, cudaStream_t stream);
+template <int kHeadDim>
+cudaError_t launch_prefill(const PrefillParams& p, cudaStream_t stream);
+}  // namespace jaxinfer
+#endif

@@ -1,0 +1,154 @@
+// FFI handler for batch prefill / append (CUDA only; the CPU path is the jnp
+// reference), and the host planner's work split for Python.
+#include <nanobind/ndarray.h>
+
+#include <stdexcept>
+
+#include "csrc/prefill.h"
+#include "csrc/prefill_plan.h"
+#include "xla_ffi/common.h"
+
+namespace jaxinfer {
+namespace {
+
+namespace ffi = xla::ffi;
+using ffi_util::invalid;
+using I32 = ffi::Buffer<ffi::S32>;
+
+#ifdef JAXINFER_WITH_CUDA
+// q [total_q, Hq, D]. Paged caches: k, v [pages, page_size, Hkv, D] ("NHD", kv_layout = 0)
+// or [pages, Hkv, page_size, D] ("HND", 1), or one [pages, 2, ...] array passed as both;
+// ragged: k, v [total_kv, Hkv, D] with kv_indices of size 0.
+ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                       ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes, I32 kv_indices,
+                       I32 items, ffi::AnyBuffer custom_mask, ffi::Result<ffi::AnyBuffer> o,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, int32_t kv_layout, int32_t causal,
+                       float sm_scale, float logits_soft_cap, int32_t window_left, int32_t use_alibi,
+                       int32_t use_mask, int32_t rope, float rope_scale, float rope_theta) {
+  const auto dtype = ffi_util::to_dtype(q.element_type());
+  const auto qd = q.dimensions();
+  const auto kd = k_cache.dimensions();
+  const bool ragged = kd.size() == 3, combined = kd.size() == 5;
+  if (!dtype || k_cache.element_type() != q.element_type() || qd.size() != 3 ||
+      !(ragged || kd.size() == 4 || combined)) {
+    return invalid("prefill: q must be [tokens, heads, dim] and the caches of q's dtype");
+  }
+  if (items.dimensions().size() != 2 || items.dimensions()[1] != kPfItemFields) {
+    return invalid("prefill: plan.items must be [work_items, 8]");
+  }
+  PrefillParams p{};
+  p.dtype = *dtype;
+  p.total_q = qd[0];
+  p.num_qo_heads = static_cast<int>(qd[1]);
+  p.head_dim = static_cast<int>(qd[2]);
+  p.num_items = static_cast<int>(items.dimensions()[0]);
+  p.q = q.untyped_data();
+  p.k = k_cache.untyped_data();
+  p.v = v_cache.untyped_data();
+  p.items = items.typed_data();
+  if (ragged) {
+    p.num_kv_heads = static_cast<int>(kd[1]);
+    p.page_size = 1;
+    p.num_pages = kd[0];
+    p.stride_page = kd[1] * kd[2];
+    p.stride_slot = 0;
+    p.stride_head = kd[2];
+    p.kv_indices = nullptr;
+    if (kd[2] != qd[2]) return invalid("prefill: q and k head dims disagree");
+  } else {
+    const int64_t pages = kd[0];
+    const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
+    const bool nhd = kv_layout == 0;
+    const int64_t page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
+    if (pages == 0 || head_dim != qd[2]) return invalid("prefill: empty cache or head dims disagree");
+    p.num_kv_heads = static_cast<int>(num_kv_heads);
+    p.page_size = static_cast<int>(page_size);
+    p.num_pages = pages;
+    if (combined) p.v = static_cast<const char*>(p.k) + k_cache.size_bytes() / pages / 2;
+    p.stride_page = (combined ? 2 : 1) * page_size * num_kv_heads * head_dim;
+    p.stride_slot = nhd ? num_kv_heads * head_dim : head_dim;
+    p.stride_head = nhd ? head_dim : page_size * head_dim;
+    p.kv_indices = kv_indices.typed_data();
+    p.num_kv_indices = kv_indices.element_count();
+  }
+  if (p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
+    return invalid("prefill: num_qo_heads must be a multiple of num_kv_heads");
+  }
+  if (p.num_items > 65535) return invalid("prefill: more than 65535 work items");
+  p.custom_mask = use_mask ? static_cast<const uint8_t*>(custom_mask.untyped_data()) : nullptr;
+  p.mask_len = custom_mask.size_bytes();
+  p.o = o->untyped_data();
+  p.lse = lse->typed_data();
+  p.variant.sm_scale = sm_scale;
+  p.variant.causal = causal != 0;
+  p.variant.soft_cap = logits_soft_cap;
+  p.variant.window_left = window_left;
+  p.variant.alibi_slopes = use_alibi ? alibi_slopes.typed_data() : nullptr;
+  p.variant.rope = rope != 0;
+  p.variant.rope_rcp_scale = 1.f / rope_scale;
+  p.variant.rope_theta = rope_theta;
+  if (cudaError_t e = prefill_cuda(p, stream); e != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jaxinfer prefill: ") + cudaGetErrorString(e));
+  }
+  return ffi::Error::Success();
+}
+#endif
+
+using HostI32 = nanobind::ndarray<int32_t, nanobind::c_contig, nanobind::device::cpu>;
+
+// jaxinfer.plan_prefill's work split (csrc/prefill_plan.h) into the caller's items array.
+int64_t split_work(HostI32 qo_indptr, HostI32 kv_len, HostI32 kv_begin, HostI32 kv_end,
+                   HostI32 mask_begin, int group, int64_t total_q, HostI32 items) {
+  const int64_t batch = static_cast<int64_t>(kv_len.size());
+  if (static_cast<int64_t>(qo_indptr.size()) != batch + 1 || kv_begin.size() != kv_len.size() ||
+      kv_end.size() != kv_len.size() || mask_begin.size() != kv_len.size() || items.ndim() != 2 ||
+      items.shape(1) != kPfItemFields || group < 1) {
+    throw std::invalid_argument("split_work: inconsistent array sizes");
+  }
+  return split_prefill_work(qo_indptr.data(), kv_len.data(), kv_begin.data(), kv_end.data(),
+                            mask_begin.data(), static_cast<int>(batch), group, kPrefillTileRows,
+                            total_q, items.data(), static_cast<int64_t>(items.shape(0)));
+}
+
+}  // namespace
+
+#ifdef JAXINFER_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                           .Arg<ffi::AnyBuffer>()         // q
+                           .Arg<ffi::AnyBuffer>()         // k (cache or ragged)
+                           .Arg<ffi::AnyBuffer>()         // v
+                           .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+                           .Arg<I32>()                    // kv_indices (size 0 when ragged)
+                           .Arg<I32>()                    // items
+                           .Arg<ffi::AnyBuffer>()         // custom_mask (bool)
+                           .Ret<ffi::AnyBuffer>()         // o
+                           .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                           .Attr<int32_t>("kv_layout")
+                           .Attr<int32_t>("causal")
+                           .Attr<float>("sm_scale")
+                           .Attr<float>("logits_soft_cap")
+                           .Attr<int32_t>("window_left")
+                           .Attr<int32_t>("use_alibi")
+                           .Attr<int32_t>("use_mask")
+                           .Attr<int32_t>("rope")
+                           .Attr<float>("rope_scale")
+                           .Attr<float>("rope_theta"),
+                       {ffi::Traits::kCmdBufferCompatible});
+#endif
+
+}  // namespace jaxinfer
+
+NB_MODULE(_prefill, m) {
+  m.def("split_work", &jaxinfer::split_work);
+  m.def("registrations", []() {
+    nanobind::dict out;
+#ifdef JAXINFER_WITH_CUDA
+    nanobind::dict gpu;
+    gpu["jaxinfer_batch_prefill"] = jaxinfer::ffi_util::capsule(jaxinfer::kPrefillGpu);
+    out["CUDA"] = gpu;
+#endif
+    return out;
+  });
+}
