@@ -1,0 +1,113 @@
+"""Batch prefill on the GPU: jaxinfer (ragged and paged) vs cuDNN and XLA through
+jax.nn.dot_product_attention and the Mosaic GPU Pallas attention, in one run.
+
+bf16 (the Pallas kernel: fp16), 32 query / 8 KV heads, head dim 128, causal
+unless said. FLOPs = 4 * Hq * D * sum over requests of the visible (query,
+key) pairs (L(L+1)/2 causal, L^2 not), FlashInfer's convention. The ceiling
+is a bf16 8192^3 matmul measured in the same run. The competitors take a
+dense [batch, L, H, D] batch of equal lengths; jaxinfer takes the same
+tokens as a ragged batch (and as a paged cache, page 16).
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import parse_args, time_per_call, write_table
+
+import jaxinfer
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+
+
+def matmul_ceiling():
+    a = jax.random.normal(jax.random.key(0), (8192, 8192), jnp.bfloat16)
+    t = time_per_call(lambda x: x @ x, [a], repeat=8, calls=5)
+    return 2 * 8192**3 / t
+
+
+def flops(batch, length, causal):
+    pairs = length * (length + 1) // 2 if causal else length * length
+    return 4 * HQ * D * batch * pairs
+
+
+def fmt(t, f, ceiling):
+    return f"{t * 1e3:.2f} ms, {f / t / 1e12:.0f} TFLOP/s ({f / t / ceiling:.0%})"
+
+
+def mosaic_attention(q, k, v, causal):
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                         causal=causal)
+    return attention_mgpu.attention(q, k, v, config)
+
+
+def main():
+    args = parse_args(__doc__)
+    ceiling = matmul_ceiling()
+    cases = [(1, 8192, True), (1, 16384, True), (4, 4096, True), (16, 1024, True),
+             (4, 4096, False)]
+    if args.quick:
+        cases = cases[:1]
+    rows = []
+    for batch, length, causal in cases:
+        key = jax.random.key(batch + length)
+        kq, kk, kv_ = jax.random.split(key, 3)
+        q = jax.random.normal(kq, (batch, length, HQ, D), jnp.bfloat16)
+        k = jax.random.normal(kk, (batch, length, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(kv_, (batch, length, HKV, D), jnp.bfloat16)
+        f = flops(batch, length, causal)
+        tokens = batch * length
+        indptr = np.arange(batch + 1, dtype=np.int32) * length
+        plan = jax.device_put(jaxinfer.plan_prefill(indptr, indptr, num_qo_heads=HQ, num_kv_heads=HKV,
+                                                    max_batch=batch, max_q_tokens=tokens))
+        flat = lambda x: x.reshape(tokens, *x.shape[2:])  # noqa: E731
+        ragged = functools.partial(jaxinfer.batch_prefill_ragged, causal=causal)
+        row = [f"{batch} x {length}" + ("" if causal else " non-causal")]
+        row.append(fmt(time_per_call(ragged, [flat(q), flat(k), flat(v), plan]), f, ceiling))
+
+        # Paged: the same keys in a page-16 cache, pages in a random order.
+        pages = tokens // PAGE
+        perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
+        k_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(k).reshape(pages, PAGE, HKV, D))
+        v_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(v).reshape(pages, PAGE, HKV, D))
+        page_indptr = np.arange(batch + 1, dtype=np.int32) * (length // PAGE)
+        paged_plan = jax.device_put(jaxinfer.plan_prefill(
+            indptr, page_indptr, perm, np.full(batch, PAGE, np.int32), page_size=PAGE,
+            num_qo_heads=HQ, num_kv_heads=HKV, max_batch=batch, max_q_tokens=tokens, max_pages=pages))
+        paged = functools.partial(jaxinfer.batch_prefill, causal=causal)
+        row.append(fmt(time_per_call(lambda q, k, v, p: paged(q, (k, v), p),
+                                     [flat(q), k_cache, v_cache, paged_plan]), f, ceiling))
+        del k_cache, v_cache
+
+        for implementation in ("cudnn", "xla"):
+            if implementation == "xla" and tokens * length > 8192 * 8192:
+                row.append("-")  # the dense logits would not fit
+                continue
+            try:
+                fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                       implementation=implementation)
+                row.append(fmt(time_per_call(fn, [q, k, v]), f, ceiling))
+            except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+                row.append(f"error: {type(e).__name__}")
+        try:
+            h = [x.astype(jnp.float16) for x in (q, k, v)]
+            row.append(fmt(time_per_call(functools.partial(mosaic_attention, causal=causal), h),
+                           f, ceiling))
+        except Exception as e:  # noqa: BLE001
+            row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
+        rows.append(row)
+        print(row, flush=True)
+
+    write_table(os.path.join(args.out, "prefill.md"), "Batch prefill (bf16, 32/8 heads, D=128)",
+                "bash scripts/gpu_check.sh",
+                ["case", "jaxinfer ragged", "jaxinfer paged (page 16)", "cuDNN", "XLA",
+                 "Mosaic GPU Pallas (fp16)"], rows,
+                f"bf16 matmul ceiling measured in the same run: {ceiling / 1e12:.0f} TFLOP/s. "
+                "jaxinfer runs its portable mma.sync kernel (the Hopper wgmma/TMA path is not built yet).")
+
+
+if __name__ == "__main__":
+    main()
