@@ -62,31 +62,54 @@ def run(case, **options):
     return jax.jit(fn)(case["q"], case["k"], case["v"], case["plan"], custom_mask=mask)
 
 
+def _bucket(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.cache
+def _reference_one(paged, layout, options_key):
+    options = dict(options_key)
+    if options.get("alibi_slopes") is not None:
+        options["alibi_slopes"] = jnp.asarray(options["alibi_slopes"], jnp.float32)
+    fn = reference.paged_attention if paged else reference.ragged_attention
+    if paged:
+        fn = functools.partial(fn, kv_layout=layout)
+    return jax.jit(functools.partial(fn, return_lse=True, **options))
+
+
 def reference_rows(case, **options):
-    """The jnp reference one request at a time (rows past the batch: zeros, -inf)."""
+    """The jnp reference one request at a time, its queries, keys (or pages) and mask
+    padded to powers of two so that a handful of compilations serve every length
+    (rows past the batch: zeros, -inf)."""
     q, qo = case["q"], case["qo_indptr"]
+    key = tuple(sorted((k, tuple(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()))
+    fn = _reference_one(case["paged"], case["layout"], key)
     outs, lses = [], []
     mask_at = 0
     for b in range(len(qo) - 1):
         q_len, kv_len = int(qo[b + 1] - qo[b]), int(case["kv_lens"][b])
-        qb = q[qo[b]:qo[b + 1]]
-        one = dict(options, return_lse=True)
+        qb = jnp.zeros((_bucket(q_len), *q.shape[1:]), q.dtype).at[:q_len].set(q[qo[b]:qo[b + 1]])
+        extra = {}
         if "mask" in case:
-            one["custom_mask"] = case["mask"][mask_at:mask_at + q_len * kv_len]
+            mask = np.zeros(_bucket(q_len * kv_len), bool)
+            mask[:q_len * kv_len] = case["mask"][mask_at:mask_at + q_len * kv_len]
+            extra["custom_mask"] = jnp.asarray(mask)
             mask_at += q_len * kv_len
+        ip = case["kv_indptr"]
         if case["paged"]:
-            ip = case["kv_indptr"]
             pages = case["kv_indices"][ip[b]:ip[b + 1]]
-            o, lse = reference.paged_attention(
-                qb, case["cache"], np.array([0, q_len], np.int32), np.array([0, len(pages)], np.int32),
-                pages, case["last"][b:b + 1], kv_layout=case["layout"], **one)
+            padded = np.zeros(_bucket(len(pages)), np.int32)
+            padded[:len(pages)] = pages
+            o, lse = fn(qb, case["cache"], np.array([0, q_len], np.int32),
+                        np.array([0, len(pages)], np.int32), padded, case["last"][b:b + 1], **extra)
         else:
-            ip = case["kv_indptr"]
-            o, lse = reference.ragged_attention(
-                qb, case["k"][ip[b]:ip[b + 1]], case["v"][ip[b]:ip[b + 1]],
-                np.array([0, q_len], np.int32), np.array([0, kv_len], np.int32), **one)
-        outs.append(o)
-        lses.append(lse)
+            rows = _bucket(kv_len)
+            kb = jnp.zeros((rows, *case["k"].shape[1:]), q.dtype).at[:kv_len].set(case["k"][ip[b]:ip[b + 1]])
+            vb = jnp.zeros((rows, *case["v"].shape[1:]), q.dtype).at[:kv_len].set(case["v"][ip[b]:ip[b + 1]])
+            o, lse = fn(qb, kb, vb, np.array([0, q_len], np.int32), np.array([0, kv_len], np.int32),
+                        **extra)
+        outs.append(o[:q_len])
+        lses.append(lse[:q_len])
     pad = q.shape[0] - int(qo[-1])
     outs.append(jnp.zeros((pad, *q.shape[1:]), q.dtype))
     lses.append(jnp.full((pad, q.shape[1]), -jnp.inf))
