@@ -6,7 +6,7 @@ where none exists, to the pure-jnp reference in ``jaxinfer.reference``.
 Pass ``implementation="reference"`` to any op to force the jnp path.
 """
 
-from jaxinfer import reference
+from jaxinfer import reference, sampling
 from jaxinfer.decode import DecodePlan, batch_decode, plan_decode
 from jaxinfer.merge import merge_state, merge_states
 from jaxinfer.prefill import PrefillPlan, batch_prefill, batch_prefill_ragged, plan_prefill
@@ -14,4 +14,4 @@ from jaxinfer.prefill import PrefillPlan, batch_prefill, batch_prefill_ragged, p
 __version__ = "0.1.0"
 
 __all__ = ["DecodePlan", "PrefillPlan", "batch_decode", "batch_prefill", "batch_prefill_ragged",
-           "merge_state", "merge_states", "plan_decode", "plan_prefill", "reference"]
+           "merge_state", "merge_states", "plan_decode", "plan_prefill", "reference", "sampling"]

@@ -333,15 +333,17 @@ def top_k_mask_logits(logits, top_k):
 def top_p_renorm_probs(probs, top_p):
     """Keeps the smallest set of largest probabilities whose mass reaches top_p, renormalised.
 
-    Every token whose probability equals the smallest kept one is kept too.
+    Mass is relative to the row's total (probs need not sum to 1). Every token
+    whose probability equals the smallest kept one is kept too; top_p >= 1 keeps all.
     """
     probs = probs.astype(jnp.float32)
     p = _per_row(top_p, probs.shape[0], jnp.float32)
     desc = -jnp.sort(-probs, axis=-1)
     mass_before = jnp.cumsum(desc, axis=-1) - desc
+    total = jnp.sum(probs, axis=-1, keepdims=True)
     # The threshold is the smallest sorted value whose preceding mass is still < top_p.
-    threshold = jnp.min(jnp.where(mass_before < p, desc, jnp.inf), axis=-1, keepdims=True)
-    return _renorm(probs, probs >= threshold)
+    threshold = jnp.min(jnp.where(mass_before < p * total, desc, jnp.inf), axis=-1, keepdims=True)
+    return _renorm(probs, (probs >= threshold) | (p >= 1.0))
 
 
 def min_p_renorm_probs(probs, min_p):
