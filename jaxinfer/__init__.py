@@ -7,11 +7,13 @@ Pass ``implementation="reference"`` to any op to force the jnp path.
 """
 
 from jaxinfer import reference, sampling
+from jaxinfer.cascade import CascadePlan, cascade_attention, plan_cascade
 from jaxinfer.decode import DecodePlan, batch_decode, plan_decode
-from jaxinfer.merge import merge_state, merge_states
+from jaxinfer.merge import merge_state, merge_state_in_place, merge_states
 from jaxinfer.prefill import PrefillPlan, batch_prefill, batch_prefill_ragged, plan_prefill
 
 __version__ = "0.1.0"
 
-__all__ = ["DecodePlan", "PrefillPlan", "batch_decode", "batch_prefill", "batch_prefill_ragged",
-           "merge_state", "merge_states", "plan_decode", "plan_prefill", "reference", "sampling"]
+__all__ = ["CascadePlan", "DecodePlan", "PrefillPlan", "batch_decode", "batch_prefill",
+           "batch_prefill_ragged", "cascade_attention", "merge_state", "merge_state_in_place",
+           "merge_states", "plan_cascade", "plan_decode", "plan_prefill", "reference", "sampling"]

@@ -19,14 +19,15 @@ FLOAT_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 LSE_DTYPES = (jnp.float32,)
 
 
-def _call(target, v_out_like, args):
+def _call(target, v_out_like, args, aliases=None):
     """Calls a merge target; on CPU the values travel as float32."""
     out_dtype = v_out_like.dtype
     if _ffi.current_platform() == "cpu":
         args = [a.astype(jnp.float32) for a in args]
     v_type = jax.ShapeDtypeStruct(v_out_like.shape, args[0].dtype)
     s_type = jax.ShapeDtypeStruct(v_out_like.shape[:-1], jnp.float32)
-    v, s = jax.ffi.ffi_call(target, (v_type, s_type), vmap_method="broadcast_all")(*args)
+    v, s = jax.ffi.ffi_call(target, (v_type, s_type), vmap_method="broadcast_all",
+                            input_output_aliases=aliases)(*args)
     return v.astype(out_dtype), s
 
 
@@ -48,6 +49,24 @@ def merge_state(v_a, s_a, v_b, s_b, *, implementation=None):
     if not _ffi.use_ffi("merge", implementation):
         return reference.merge_state(v_a, s_a, v_b, s_b)
     return _call("jaxinfer_merge_state", v_a, [v_a, s_a, v_b, s_b])
+
+
+def merge_state_in_place(v, s, v_other, s_other, *, implementation=None):
+    """merge_state whose result takes the place of ``(v, s)``.
+
+    Functionally the same as ``merge_state(v, s, v_other, s_other)``; the custom
+    call writes its result over v's and s's buffers (XLA input-output aliases),
+    so a jitted step that donates them (or whose v, s are intermediates) merges
+    without allocating. Without donation XLA copies first, as for any alias.
+    """
+    dims = Shapes()
+    dims.check("v", v, ("tokens", "heads", "head_dim"), FLOAT_DTYPES)
+    dims.check("s", s, ("tokens", "heads"), LSE_DTYPES)
+    dims.check("v_other", v_other, ("tokens", "heads", "head_dim"), (v.dtype,))
+    dims.check("s_other", s_other, ("tokens", "heads"), LSE_DTYPES)
+    if not _ffi.use_ffi("merge", implementation):
+        return reference.merge_state(v, s, v_other, s_other)
+    return _call("jaxinfer_merge_state", v, [v, s, v_other, s_other], aliases={0: 0, 1: 1})
 
 
 def merge_states(v, s, *, implementation=None):

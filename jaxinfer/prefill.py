@@ -52,7 +52,8 @@ def work_capacity(max_batch: int, max_q_tokens: int, group: int) -> int:
 
 def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *,
                  num_qo_heads: int, num_kv_heads: int, max_batch: int, max_q_tokens: int,
-                 page_size: int = 1, max_pages: int | None = None) -> PrefillPlan:
+                 page_size: int = 1, max_pages: int | None = None,
+                 queries_after_keys: bool = True) -> PrefillPlan:
     """Builds a PrefillPlan on the host (numpy and a C++ loop; no device work).
 
     Args:
@@ -66,7 +67,10 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *
       max_batch, max_q_tokens, max_pages: static capacities; the plan's shapes depend on
         nothing else.
       page_size: of the paged cache.
-    Every request needs kv_len >= q_len (its queries are its last positions).
+      queries_after_keys: every request's queries are its last kv positions, so
+        kv_len >= q_len (checked). False for keys that several queries share without
+        a position order (a cascade's shared level): any lengths, and then only the
+        position-free options apply (no causal, window, ALiBi or RoPE).
     """
     qo = np.asarray(qo_indptr, np.int32)
     kv = np.asarray(kv_indptr, np.int32)
@@ -104,7 +108,7 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *
         last = kv_lens
         padded_indices = np.zeros(0, np.int32)
     q_lens = qo[1:] - qo[:-1]
-    if np.any(kv_lens < q_lens):
+    if queries_after_keys and np.any(kv_lens < q_lens):
         bad = int(np.argmax(kv_lens < q_lens))
         raise ValueError(f"kv_indptr: request {bad} has {kv_lens[bad]} keys for {q_lens[bad]} "
                          f"queries; queries are the last positions of the keys (kv_len >= q_len)")

@@ -61,6 +61,21 @@ def test_merge_on_default_device(dtype, tokens, num_states, heads, dim):
         check_merge_state(v, s)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_state_in_place(dtype):
+    v, s = random_states(9, 2, 4, 64, dtype)
+    want = reference.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1])
+    step = jax.jit(jaxinfer.merge_state_in_place, donate_argnums=(0, 1))
+    out, lse = step(v[:, 0] + 0, s[:, 0] + 0, v[:, 1], s[:, 1])  # fresh buffers to donate
+    assert out.dtype == dtype
+    assert_close(out, want[0], dtype)
+    assert_close(lse, want[1])
+    if dtype == jnp.float32:  # the custom call writes over v's and s's buffers
+        text = jax.jit(jaxinfer.merge_state_in_place).lower(v[:, 0], s[:, 0], v[:, 1], s[:, 1]).as_text()
+        assert "output_operand_alias<output_tuple_indices = [0], operand_index = 0" in text
+        assert "output_operand_alias<output_tuple_indices = [1], operand_index = 1" in text
+
+
 def test_merge_under_vmap():
     v, s = random_states(4, 3, 2, 16, jnp.float32)
     vb, sb = jnp.stack([v, v * 2]), jnp.stack([s, s - 1])

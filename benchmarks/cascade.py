@@ -1,0 +1,70 @@
+"""Cascade decode vs flat paged decode on the GPU, in one run.
+
+bf16, 32 query / 8 KV heads, head dim 128, page 16, one query per request.
+Every request shares one prefix and has its own suffix. Flat: batch_decode
+over each request's full page list (the prefix pages repeated in every
+table, so the prefix is read once per request). Cascade: the prefix level
+runs every request's query against the prefix once, the suffix level per
+request, then the merge. Reports time and the speed-up over flat.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import parse_args, time_per_call, write_table
+
+import jaxinfer
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+
+
+def main():
+    args = parse_args(__doc__)
+    cases = [(p, b, s) for p in (8192, 32768) for b in (16, 64, 256) for s in (128, 1024)]
+    cases += [(32768, 128, 256), (32768, 64, 512)]  # the issue's two targets
+    if args.quick:
+        cases = cases[-2:]
+    rows = []
+    for prefix, batch, suffix in cases:
+        prefix_pages, suffix_pages = prefix // PAGE, suffix // PAGE
+        num_pages = prefix_pages + batch * suffix_pages
+        key = jax.random.key(prefix + batch + suffix)
+        k = jax.random.normal(key, (num_pages, PAGE, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
+        q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
+        shared = np.arange(prefix_pages, dtype=np.int32)
+        own = prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32).reshape(batch, suffix_pages)
+
+        flat_table = np.concatenate([np.broadcast_to(shared, (batch, prefix_pages)), own], axis=1)
+        flat_indptr = np.arange(batch + 1, dtype=np.int32) * flat_table.shape[1]
+        last = np.full(batch, PAGE, np.int32)
+        flat_plan = jax.device_put(jaxinfer.plan_decode(
+            flat_indptr, flat_table.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
+            max_batch=batch, max_pages=flat_table.size))
+        t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p), [q, k, v, flat_plan])
+
+        rows_q = np.arange(batch + 1, dtype=np.int32)
+        plan = jax.device_put(jaxinfer.plan_cascade(
+            [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
+              np.array([PAGE], np.int32)),
+             (rows_q, rows_q * suffix_pages, own.reshape(-1), last)],
+            num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
+            max_groups=[1, batch], max_pages=[num_pages, num_pages]))
+        t_cascade = time_per_call(
+            lambda q, k, v, p: jaxinfer.cascade_attention(q, [(k, v), (k, v)], p), [q, k, v, plan])
+        row = [prefix, batch, suffix, f"{t_flat * 1e6:.0f} us", f"{t_cascade * 1e6:.0f} us",
+               f"{t_flat / t_cascade:.1f}x"]
+        rows.append(row)
+        print(row, flush=True)
+        del k, v
+
+    write_table(os.path.join(args.out, "cascade.md"), "Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16)",
+                "bash scripts/gpu_check.sh",
+                ["shared prefix", "batch", "suffix", "flat batch_decode", "cascade_attention", "speed-up"],
+                rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Cascade attention: keys shared by many queries are attended once per step.
+
+A cascade has levels; each level groups the step's query rows and gives each
+group its own keys in a paged cache. Typically level 0 is one group holding
+every query against the shared prefix (a system prompt, few-shot examples,
+the prompt of parallel samples), and the last level has one group per request
+holding its own suffix. Each level runs as one batch prefill (its groups are
+the "requests"; the shared level's queries of all requests go through the
+kernel together, so the prefix is read once per step, not once per request),
+and the levels' partial outputs merge by their log-sum-exp:
+
+>>> plan = jaxinfer.plan_cascade([shared_level, suffix_level], num_qo_heads=32,
+...                              num_kv_heads=8, page_size=16, max_q_tokens=256,
+...                              max_groups=[1, 256], max_pages=[4096, 65536])
+>>> o = jaxinfer.cascade_attention(q, [shared_cache, suffix_cache], plan, causal=True)
+
+Each level is ``(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)``: group
+g owns query rows ``qo_indptr[g]:qo_indptr[g+1]`` and the keys of pages
+``kv_indices[kv_indptr[g]:kv_indptr[g+1]]``. The result equals attention of
+each query over the concatenation of its groups' keys, level by level.
+
+Only the last level knows positions (its queries are the last positions of
+its keys): ``causal`` applies there, the upper levels are fully visible, and
+options that need absolute positions across levels (window, ALiBi, RoPE) are
+not offered.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax.numpy as jnp
+
+from jaxinfer.merge import merge_states
+from jaxinfer.prefill import batch_prefill, plan_prefill
+
+
+class CascadePlan(NamedTuple):
+    """One PrefillPlan per level, top (most shared) first."""
+
+    levels: tuple
+
+
+def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page_size: int,
+                 max_q_tokens: int, max_groups: Sequence[int], max_pages: Sequence[int]) -> CascadePlan:
+    """Plans every level once per step on the host.
+
+    Args:
+      levels: per level, (qo_indptr [G + 1], kv_indptr [G + 1], kv_indices, kv_last_page_len [G]),
+        all int; every level's groups cover the same query rows 0..qo_indptr[-1].
+      num_qo_heads, num_kv_heads, page_size: of q and the caches (the same at every level).
+      max_q_tokens: static rows of q; max_groups, max_pages: static capacities per level.
+    """
+    if not levels:
+        raise ValueError("levels: expected at least one level")
+    if len(max_groups) != len(levels) or len(max_pages) != len(levels):
+        raise ValueError(f"max_groups, max_pages: expected one capacity per level ({len(levels)}), "
+                         f"got {len(max_groups)} and {len(max_pages)}")
+    plans, rows = [], None
+    for i, (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) in enumerate(levels):
+        # A level may hold fewer keys than queries (an empty suffix): under causal its
+        # queries then sit before its first key and see none of it, as in the flat view.
+        plan = plan_prefill(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                            num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                            max_batch=max_groups[i], max_q_tokens=max_q_tokens,
+                            page_size=page_size, max_pages=max_pages[i], queries_after_keys=False)
+        total = int(plan.qo_indptr[-1])
+        if rows is not None and total != rows:
+            raise ValueError(f"levels[{i}]: its groups cover {total} query rows, level 0's {rows}")
+        rows = total
+        plans.append(plan)
+    return CascadePlan(tuple(plans))
+
+
+def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_layout="NHD",
+                      causal=False, sm_scale=None, logits_soft_cap=0.0, return_lse=False,
+                      implementation=None):
+    """Attention of q over every level's keys, merged.
+
+    Args:
+      q: [max_q_tokens, num_qo_heads, head_dim].
+      paged_kv_caches: one paged cache per level ((k, v) or one array; see batch_prefill).
+      plan: from plan_cascade.
+      causal: on the last level (the per-request suffix), as for batch_prefill.
+      sm_scale, logits_soft_cap, return_lse, implementation: as for batch_prefill.
+    Returns o [max_q_tokens, num_qo_heads, head_dim] (and lse, base 2).
+    """
+    if len(paged_kv_caches) != len(plan.levels):
+        raise ValueError(f"paged_kv_caches: expected one cache per level ({len(plan.levels)}), "
+                         f"got {len(paged_kv_caches)}")
+    outs, lses = [], []
+    for i, (cache, level) in enumerate(zip(paged_kv_caches, plan.levels)):
+        last = i == len(plan.levels) - 1
+        o, lse = batch_prefill(q, cache, level, kv_layout=kv_layout, causal=causal and last,
+                               sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, return_lse=True,
+                               implementation=implementation)
+        outs.append(o)
+        lses.append(lse)
+    if len(outs) == 1:
+        o, lse = outs[0], lses[0]
+    else:
+        o, lse = merge_states(jnp.stack(outs, axis=1), jnp.stack(lses, axis=1),
+                              implementation=implementation)
+    return (o, lse) if return_lse else o
+

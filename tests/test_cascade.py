@@ -1,0 +1,168 @@
+"""Cascade attention: equal to flat attention over each request's concatenated keys."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from capture import assert_captured
+from conftest import assert_close
+from test_decode import page_table, poison_allocator, random_cache
+
+import jaxinfer
+from jaxinfer import reference
+
+RNG = np.random.default_rng()
+PAGE = 16
+
+
+def paged(ks, vs):
+    """Packs per-group key and value arrays [n_g, H, D] into page-aligned caches (pages
+    scattered in a random order, one spare page) and their CSR page table."""
+    def pages_of(x):
+        num = -(-x.shape[0] // PAGE)
+        padded = jnp.zeros((num * PAGE, *x.shape[1:]), x.dtype).at[:x.shape[0]].set(x)
+        return padded.reshape(num, PAGE, *x.shape[1:])
+
+    counts = [-(-k.shape[0] // PAGE) for k in ks]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    order = RNG.permutation(int(indptr[-1]) + 1).astype(np.int32)  # page i of the packing -> slot
+    caches = []
+    for xs in (ks, vs):
+        packed = jnp.concatenate([pages_of(x) for x in xs] + [jnp.zeros((1, PAGE, *xs[0].shape[1:]), xs[0].dtype)])
+        caches.append(jnp.zeros_like(packed).at[order].set(packed))
+    last = np.array([(k.shape[0] - 1) % PAGE + 1 if k.shape[0] else 1 for k in ks], np.int32)
+    return tuple(caches), indptr, order[:indptr[-1]], last
+
+
+def make_cascade(q_lens, groups_per_level, level_lens, *, group, num_kv_heads=2, head_dim=128,
+                 dtype=jnp.bfloat16):
+    """groups_per_level[l]: the requests of each group of level l; level_lens[l]: its key counts."""
+    num_qo_heads = group * num_kv_heads
+    max_q = sum(q_lens) + 5
+    normal = lambda *shape: jax.random.normal(jax.random.key(int(RNG.integers(1 << 30))), shape, dtype)  # noqa: E731
+    q = normal(max_q, num_qo_heads, head_dim)
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    levels, caches, keys = [], [], []
+    for groups, lens in zip(groups_per_level, level_lens):
+        ks = [normal(n, num_kv_heads, head_dim) for n in lens]
+        vs = [normal(n, num_kv_heads, head_dim) for n in lens]
+        cache, indptr, indices, last = paged(ks, vs)
+        group_qo = np.concatenate([[0], np.cumsum([sum(q_lens[r] for r in g) for g in groups])])
+        levels.append((group_qo.astype(np.int32), indptr, indices, last))
+        caches.append(cache)
+        keys.append(list(zip(ks, vs)))
+    plan = jaxinfer.plan_cascade(levels, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                                 page_size=PAGE, max_q_tokens=max_q,
+                                 max_groups=[len(g) + 1 for g in groups_per_level],
+                                 max_pages=[c[0].shape[0] for c in caches])
+    return dict(q=q, qo=qo, caches=caches, plan=plan, keys=keys, groups=groups_per_level)
+
+
+def flat_reference(case, causal):
+    """Each request against the concatenation of its groups' keys, level by level."""
+    q, qo = case["q"], case["qo"]
+    outs = []
+    for b in range(len(qo) - 1):
+        ks, vs = [], []
+        for groups, level_keys in zip(case["groups"], case["keys"]):
+            g = next(i for i, members in enumerate(groups) if b in members)
+            ks.append(level_keys[g][0])
+            vs.append(level_keys[g][1])
+        outs.append(reference.single_attention(q[qo[b]:qo[b + 1]], jnp.concatenate(ks),
+                                               jnp.concatenate(vs), causal=causal))
+    outs.append(jnp.zeros((q.shape[0] - int(qo[-1]), *q.shape[1:]), q.dtype))
+    return jnp.concatenate(outs)
+
+
+def check(case, causal):
+    poison_allocator((case["q"].shape, case["q"].dtype))
+    fn = jax.jit(functools.partial(jaxinfer.cascade_attention, causal=causal))
+    assert_close(fn(case["q"], case["caches"], case["plan"]), flat_reference(case, causal),
+                 case["q"].dtype)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 1000])
+def test_two_levels_equal_flat_attention(prefix):
+    q_lens = [1, 3, 1, 2]
+    suffix = [5, 3, 40, 17]
+    case = make_cascade(q_lens, [[[0, 1, 2, 3]], [[0], [1], [2], [3]]], [[prefix], suffix], group=4,
+                        head_dim=64)
+    check(case, causal=True)
+
+
+def test_three_levels_and_empty_suffixes():
+    q_lens = [1, 1, 1, 1, 1]
+    case = make_cascade(q_lens, [[[0, 1, 2, 3, 4]], [[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]]],
+                        [[70], [33, 0], [0, 9, 0, 20, 1]], group=8, head_dim=64)
+    check(case, causal=False)  # decode: the query's own key may live anywhere, or nowhere
+
+
+def test_cascade_one_compilation_for_many_length_mixes():
+    traces = []
+
+    @jax.jit
+    def step(q, caches, plan):
+        traces.append(1)
+        return jaxinfer.cascade_attention(q, caches, plan, causal=True)
+
+    shared_cache = random_cache(20, PAGE, 1, 64, jnp.bfloat16, "NHD")
+    suffix_cache = random_cache(30, PAGE, 1, 64, jnp.bfloat16, "NHD")
+    for _ in range(6):
+        q_lens = RNG.integers(1, 4, 3)
+        suffix = (q_lens + RNG.integers(0, 30, 3)).tolist()
+        prefix = int(RNG.integers(0, 200))
+        qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        shared = (np.array([0, qo[-1]], np.int32), *page_table([prefix], PAGE, 20))
+        own = (qo, *page_table(suffix, PAGE, 30))
+        plan = jaxinfer.plan_cascade([shared, own], num_qo_heads=2, num_kv_heads=1, page_size=PAGE,
+                                     max_q_tokens=12, max_groups=[1, 3], max_pages=[20, 30])
+        q = jax.random.normal(jax.random.key(len(traces) + prefix), (12, 2, 64), jnp.bfloat16)
+        o0, s0 = reference.paged_attention(q, shared_cache, *shared, return_lse=True)
+        o1, s1 = reference.paged_attention(q, suffix_cache, *own, causal=True, return_lse=True)
+        want, _ = reference.merge_state(o0, s0, o1, s1)
+        assert_close(step(q, [shared_cache, suffix_cache], plan), want, jnp.bfloat16)
+    assert len(traces) == 1
+
+
+def test_bad_levels():
+    with pytest.raises(ValueError, match="^levels: expected at least one level"):
+        jaxinfer.plan_cascade([], num_qo_heads=1, num_kv_heads=1, page_size=4, max_q_tokens=4,
+                              max_groups=[], max_pages=[])
+    level0 = ([0, 3], [0, 1], [0], [2])
+    level1 = ([0, 1, 2], [0, 1, 2], [1, 2], [1, 1])
+    with pytest.raises(ValueError, match=r"^levels\[1\]: its groups cover 2 query rows, level 0's 3"):
+        jaxinfer.plan_cascade([level0, level1], num_qo_heads=1, num_kv_heads=1, page_size=4,
+                              max_q_tokens=4, max_groups=[1, 2], max_pages=[4, 4])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_long_shared_prefix(group):
+    q_lens = [1] * 6 + [3]
+    suffix = [1, 0, 16, 17, 300, 5, 64]
+    case = make_cascade(q_lens, [[list(range(7))], [[i] for i in range(7)]], [[32768], suffix],
+                        group=group)
+    check(case, causal=False)
+
+
+@pytest.mark.gpu
+def test_gpu_cascade_is_captured():
+    assert_captured("""
+        import jax, jax.numpy as jnp, numpy as np, jaxinfer
+        k = jax.random.normal(jax.random.key(0), (40, 16, 2, 128), jnp.bfloat16)
+        q = jax.random.normal(jax.random.key(2), (8, 8, 128), jnp.bfloat16)
+        shared = (np.array([0, 6], np.int32), np.array([0, 20], np.int32), np.arange(20, dtype=np.int32),
+                  np.array([16], np.int32))
+        suffix = (np.array([0, 2, 4, 6], np.int32), np.array([0, 2, 4, 6], np.int32),
+                  np.arange(20, 26, dtype=np.int32), np.array([3, 16, 1], np.int32))
+        plan = jaxinfer.plan_cascade([shared, suffix], num_qo_heads=8, num_kv_heads=2, page_size=16,
+                                     max_q_tokens=8, max_groups=[1, 4], max_pages=[40, 40])
+
+        @jax.jit
+        def step(q, k, plan):
+            return jaxinfer.cascade_attention(q * 2, [(k, k), (k, k)], plan, causal=True)
+
+        jax.block_until_ready(step(q, k, plan))
+    """, module="step", target="jaxinfer_batch_prefill")
