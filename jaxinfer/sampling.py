@@ -8,9 +8,13 @@ Filter parameters are a scalar for every row or an array with one value per
 row. A row with no drawable token (all probabilities 0, or all logits -inf)
 returns the token -1.
 
-Today every op runs the jnp formulation of ``jaxinfer.reference`` (sort
-based) on every backend; the sorting-free CUDA kernels of issue 5 replace it
-on the GPU without changing these signatures or their results' distribution.
+Plain, top-k, top-p and min-p draws from probabilities (and from logits)
+have a sorting-free CUDA kernel (``csrc/sampling.h``: Gumbel-max draws and
+rejection with a rising pivot), chosen with ``implementation="ffi"``. It has
+not run on a GPU yet, so ``implementation=None`` still means the jnp
+formulation of ``jaxinfer.reference`` (sort based) on every backend; the
+default moves to the kernel once the GPU tests pass. The two paths draw from
+the same distributions but not the same tokens for a key.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import reference
+from jaxinfer import _ffi, reference
 from jaxinfer._checks import Shapes
 
 FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -63,6 +67,26 @@ def _param(name, value, dims, dtype, low, high, low_open=False):
         raise ValueError(f"{name}: expected a value in {bound}{low}, {high}], got {concrete[bad].flat[0]}")
 
 
+PLAIN, TOP_K, TOP_P, MIN_P = range(4)  # csrc/sampling.h SamplingMode
+
+
+def _use_kernel(implementation):
+    if implementation is None:
+        return False  # until the kernel has passed its GPU tests (see the module docstring)
+    return _ffi.use_ffi("sampling", implementation)
+
+
+def _kernel(key, probs, mode, top_k=1, param=0.0):
+    """The sorting-free kernel: one token per row, -1 for a row with no positive probability."""
+    batch = probs.shape[0]
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
+    param = jnp.broadcast_to(jnp.asarray(param, jnp.float32), (batch,))
+    out = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.ffi.ffi_call("jaxinfer_sample", out, vmap_method="sequential")(
+        probs.astype(jnp.float32), seed, top_k, param, mode=np.int32(mode))
+
+
 def _draw(key, probs):
     """One token per row of nonnegative probs (any scale); -1 for a row of zeros."""
     tokens = reference.sampling_from_probs(key, probs)
@@ -76,16 +100,18 @@ def softmax(logits, temperature=1.0):
     return reference.softmax(logits, temperature)
 
 
-def sampling_from_probs(key, probs):
+def sampling_from_probs(key, probs, *, implementation=None):
     """One token per row of probs [B, V] (nonnegative; need not sum to 1). int32 [B]."""
     _check_key(key)
     _check_rows("probs", probs)
+    if _use_kernel(implementation):
+        return _kernel(key, probs, PLAIN)
     return _draw(key, probs.astype(jnp.float32))
 
 
-def sampling_from_logits(key, logits, temperature=1.0):
+def sampling_from_logits(key, logits, temperature=1.0, *, implementation=None):
     """One token per row of softmax(logits / temperature). int32 [B]."""
-    return sampling_from_probs(key, softmax(logits, temperature))
+    return sampling_from_probs(key, softmax(logits, temperature), implementation=implementation)
 
 
 def top_k_renorm_probs(probs, top_k):
@@ -116,21 +142,30 @@ def top_k_mask_logits(logits, top_k):
     return reference.top_k_mask_logits(logits, top_k)
 
 
-def top_k_sampling_from_probs(key, probs, top_k):
+def top_k_sampling_from_probs(key, probs, top_k, *, implementation=None):
     """A token from each row's top_k largest probabilities (renormalised). int32 [B]."""
     _check_key(key)
+    if _use_kernel(implementation):
+        _param("top_k", top_k, _check_rows("probs", probs), jnp.int32, 1, np.iinfo(np.int32).max)
+        return _kernel(key, probs, TOP_K, top_k=top_k)
     return _draw(key, top_k_renorm_probs(probs, top_k))
 
 
-def top_p_sampling_from_probs(key, probs, top_p):
+def top_p_sampling_from_probs(key, probs, top_p, *, implementation=None):
     """A token from each row's top-p nucleus (renormalised). int32 [B]."""
     _check_key(key)
+    if _use_kernel(implementation):
+        _param("top_p", top_p, _check_rows("probs", probs), jnp.float32, 0.0, 1.0, low_open=True)
+        return _kernel(key, probs, TOP_P, param=top_p)
     return _draw(key, top_p_renorm_probs(probs, top_p))
 
 
-def min_p_sampling_from_probs(key, probs, min_p):
+def min_p_sampling_from_probs(key, probs, min_p, *, implementation=None):
     """A token among each row's probabilities >= min_p * max (renormalised). int32 [B]."""
     _check_key(key)
+    if _use_kernel(implementation):
+        _param("min_p", min_p, _check_rows("probs", probs), jnp.float32, 0.0, 1.0)
+        return _kernel(key, probs, MIN_P, param=min_p)
     return _draw(key, min_p_renorm_probs(probs, min_p))
 
 

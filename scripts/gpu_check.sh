@@ -43,7 +43,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
   [ "$sanitizer_status" = 0 ] || tail -30 "$OUT/sanitizer.log"
 fi
 
-for b in ${BENCH:-merge decode prefill cascade}; do
+for b in ${BENCH:-merge decode prefill cascade sampling}; do
   (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT") > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
 done
 echo "=========================== summary ==========================="

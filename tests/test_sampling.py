@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from capture import assert_captured
 
 from jaxinfer import reference, sampling
 
@@ -49,27 +50,30 @@ def renormalised(p, keep):
     return q / q.sum()
 
 
+def case_op_and_want(case, p, implementation=None):
+    """(op(key, probs), the distribution it must draw from) for one filter case."""
+    order = np.sort(p)[::-1]
+    kw = dict(implementation=implementation) if implementation else {}
+    if case == "plain":
+        return functools.partial(sampling.sampling_from_probs, **kw), p
+    if case == "top_k":
+        return (lambda key, x: sampling.top_k_sampling_from_probs(key, x, 5, **kw)), renormalised(p, p >= order[4])
+    if case == "top_p":
+        threshold = order[(np.cumsum(order) - order) < 0.6].min()
+        return (lambda key, x: sampling.top_p_sampling_from_probs(key, x, 0.6, **kw)), renormalised(p, p >= threshold)
+    if case == "min_p":
+        return (lambda key, x: sampling.min_p_sampling_from_probs(key, x, 0.2, **kw)), renormalised(p, p >= 0.2 * p.max())
+    top = renormalised(p, p >= order[7])
+    sorted_top = np.sort(top)[::-1]
+    threshold = sorted_top[(np.cumsum(sorted_top) - sorted_top) < 0.5].min()
+    return (lambda key, x: sampling.top_k_top_p_sampling_from_probs(key, x, 8, 0.5)), renormalised(top, top >= threshold)
+
+
 @pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "min_p", "top_k_top_p"])
 def test_sampling_matches_the_renormalised_distribution(case):
     p = row()
-    order = np.sort(p)[::-1]
-    if case == "plain":
-        freq, want = frequencies(sampling.sampling_from_probs, p), p
-    elif case == "top_k":
-        freq, want = frequencies(sampling.top_k_sampling_from_probs, p, 5), renormalised(p, p >= order[4])
-    elif case == "top_p":
-        mass_before = np.cumsum(order) - order
-        threshold = order[mass_before < 0.6].min()
-        freq, want = frequencies(sampling.top_p_sampling_from_probs, p, 0.6), renormalised(p, p >= threshold)
-    elif case == "min_p":
-        freq, want = frequencies(sampling.min_p_sampling_from_probs, p, 0.2), renormalised(p, p >= 0.2 * p.max())
-    else:
-        top = renormalised(p, p >= order[7])
-        sorted_top = np.sort(top)[::-1]
-        threshold = sorted_top[(np.cumsum(sorted_top) - sorted_top) < 0.5].min()
-        freq = frequencies(sampling.top_k_top_p_sampling_from_probs, p, 8, 0.5)
-        want = renormalised(top, top >= threshold)
-    assert_distribution(freq, want)
+    op, want = case_op_and_want(case, p)
+    assert_distribution(frequencies(op, p), want)
 
 
 def test_sampling_from_logits_with_temperature():
@@ -201,3 +205,51 @@ def test_speculative_sampling_emits_the_target_distribution():
         tokens, _, _ = op(jax.random.key(50 + i), draft, ids[:, None].astype(jnp.int32), target)
         counts += np.bincount(np.asarray(tokens[:, 0]), minlength=vocab)
     assert_distribution(counts / counts.sum(), target_row)
+
+
+# ---------------------------------------------------------------- the sorting-free kernel (GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "min_p"])
+def test_gpu_kernel_matches_the_renormalised_distribution(case):
+    p = row()
+    op, want = case_op_and_want(case, p, implementation="ffi")
+    assert_distribution(frequencies(op, p), want)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_edge_cases():
+    key = jax.random.key(3)
+    ffi = dict(implementation="ffi")
+    for batch, vocab in [(512, 301), (1, 128256), (3, 151936)]:
+        probs = jnp.asarray(RNG.random((batch, vocab)) ** 4, jnp.float32)
+        argmax = np.asarray(jnp.argmax(probs, axis=-1))
+        np.testing.assert_array_equal(np.asarray(sampling.top_k_sampling_from_probs(key, probs, 1, **ffi)), argmax)
+        plain = np.asarray(sampling.sampling_from_probs(key, probs, **ffi))
+        np.testing.assert_array_equal(np.asarray(sampling.sampling_from_probs(key, probs, **ffi)), plain)
+        for op, param in [(sampling.top_k_sampling_from_probs, vocab), (sampling.top_p_sampling_from_probs, 1.0),
+                          (sampling.min_p_sampling_from_probs, 0.0)]:
+            np.testing.assert_array_equal(np.asarray(op(key, probs, param, **ffi)), plain)  # no-op filters
+        per_row = jnp.asarray(RNG.integers(1, 5, batch), jnp.int32)
+        tokens = np.asarray(sampling.top_k_sampling_from_probs(key, probs, per_row, **ffi))
+        host = np.asarray(probs)
+        rank = np.sum(host > host[np.arange(batch), tokens][:, None], axis=1)
+        assert np.all(rank < np.asarray(per_row))
+    empty = jnp.zeros((3, 5)).at[1, 2].set(1.0).at[2, 4].set(jnp.nan)
+    np.testing.assert_array_equal(np.asarray(sampling.sampling_from_probs(key, empty, **ffi)), [-1, 2, -1])
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_is_captured():
+    assert_captured("""
+        import jax, jax.numpy as jnp, jaxinfer
+        probs = jax.random.uniform(jax.random.key(0), (8, 1000))
+
+        @jax.jit
+        def step(key, probs):
+            a = jaxinfer.sampling.top_p_sampling_from_probs(key, probs * 2, 0.9, implementation="ffi")
+            return a + jaxinfer.sampling.top_k_sampling_from_probs(key, probs, 5, implementation="ffi")
+
+        jax.block_until_ready(step(jax.random.key(1), probs))
+    """, module="step", target="jaxinfer_sample")

@@ -1,0 +1,37 @@
+// Sorting-free sampling, one token per row of a probability matrix.
+//
+// Every draw is a Gumbel-max over the row's candidates (argmax of log p + G,
+// G = -log(-log u) from counter-based Philox keyed by the caller's JAX PRNG
+// key, the row, the round and the token), which is an exact categorical draw
+// proportional to p without a prefix sum. Top-k and top-p draw by rejection
+// with a rising pivot: a round draws among the tokens with p > pivot, keeps
+// the token if it lies in the filtered set (fewer than k tokens above it, or
+// less than top_p of the row's mass above it), else raises the pivot to its
+// probability. Every filtered token stays above the pivot, so each accepted
+// token is distributed exactly as the renormalised filtered distribution; the
+// row maximum is always accepted, so the rounds end.
+#pragma once
+#include <cstdint>
+
+namespace jaxinfer {
+
+enum class SamplingMode : int32_t { kPlain = 0, kTopK = 1, kTopP = 2, kMinP = 3 };
+
+struct SamplingParams {
+  int64_t batch, vocab;
+  const float* probs;     // [batch, vocab], nonnegative, any scale
+  const uint32_t* seed;   // [2]: words derived from the JAX PRNG key
+  const int32_t* top_k;   // [batch] (kTopK; values below 1 count as 1)
+  const float* param;     // [batch]: top_p (kTopP) or min_p (kMinP)
+  SamplingMode mode;
+  int32_t* tokens;        // [batch]: the draw, -1 for a row with no positive probability
+};
+
+}  // namespace jaxinfer
+
+#ifdef JAXINFER_WITH_CUDA
+#include <cuda_runtime_api.h>
+namespace jaxinfer {
+cudaError_t sampling_cuda(const SamplingParams& p, cudaStream_t stream);
+}  // namespace jaxinfer
+#endif
