@@ -12,8 +12,7 @@
 // and the CTA writes the request's output (an item that is the whole request)
 // or an fp32 partial (o, lse) that the merge kernel combines per request.
 //
-// Shared-memory tiles are [rows][D] with 16-byte chunks XOR-swizzled by row
-// (chunk ^ (row % 8)), so the 8 rows read by each ldmatrix hit distinct banks.
+// Shared-memory tiles are [rows][D], swizzled (csrc/attention_tile.cuh).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -21,6 +20,7 @@
 
 #include "csrc/decode.h"
 #include "csrc/merge_state.cuh"
+#include "csrc/attention_tile.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/vec.cuh"
 
@@ -43,11 +43,6 @@ struct Config {
   // An item's epilogue merges the warps' fp32 outputs in one consumed stage (K and V).
   static_assert(kWarps * kRows * D * sizeof(float) <= 2 * kTileElems * 2, "epilogue must fit a stage");
 };
-
-template <int D>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
-}
 
 // The partials of request b are the items merge_indptr[b]..merge_indptr[b+1]
 // (clamped to the workspace, so a corrupt plan cannot read past it); a
@@ -209,19 +204,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       store_float<T, 8>(s_q + swizzle<D>(r, ch + kChunks / 2), hi);
     }
   };
-  // RoPE on a K tile in shared memory: row r sits at position first_pos + r.
-  auto rotate_keys = [&](T* tile, int first_pos) {
-    for (int i = tid; i < kTileKeys * (D / 2); i += kThreads) {
-      const int r = i / (D / 2), j = i % (D / 2);
-      T* lo_p = tile + swizzle<D>(r, j / 8) + j % 8;
-      T* hi_p = tile + swizzle<D>(r, (j + D / 2) / 8) + j % 8;
-      float lo = to_float(*lo_p), hi = to_float(*hi_p);
-      var.rope_pair(lo, hi, j, D, first_pos + r);
-      *lo_p = from_float<T>(lo);
-      *hi_p = from_float<T>(hi);
-    }
-  };
-
   // Q as A fragments, one per 16-wide k-step: held in registers up to D = 128,
   // re-read from shared memory each tile beyond (registers go to the output).
   constexpr bool kQInRegisters = D <= 128;
@@ -317,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       l[0] = l[1] = 0.f;
     }
     if (var.rope) {
-      rotate_keys(s_kt, first);
+      rotate_key_tile<T, D, kTileKeys, kThreads>(s_kt, first, var);
       __syncthreads();
     }
     const int key0 = warp * 16;
@@ -336,7 +318,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     }
 
     // Variant logits and masks, then the online-softmax update per row.
-    float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -346,33 +327,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         const int head = head0 + gid + 8 * (j / 2);
         const bool ok = s_row[tile % kRowSlots][key] >= 0 && var.visible(pos, q_pos);
         s[nt][j] = ok ? var.logit(s[nt][j], head, pos, q_pos) : -INFINITY;
-        row_max[j / 2] = fmaxf(row_max[j / 2], s[nt][j]);
       }
     }
-    float scale[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffff, row_max[r], 1));
-      row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(0xffffffff, row_max[r], 2));
-      const float m_new = fmaxf(m[r], row_max[r]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-      scale[r] = exp2f(m[r] - m_use);
-      m[r] = m_new;
-      l[r] *= scale[r];
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
-        l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= scale[0];
-      o[dt][1] *= scale[0];
-      o[dt][2] *= scale[1];
-      o[dt][3] *= scale[1];
-    }
+    online_softmax_step(s, m, l, o);
 
     // O += P V: P's C fragments are exactly the A fragment of a k=16 step.
     const uint32_t p_frag[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),

@@ -12,13 +12,13 @@
 // when ragged), -1 for no key; copies of missing keys are zero-filled and
 // their logits masked.
 //
-// Shared-memory tiles are [rows][D] with 16-byte chunks XOR-swizzled by row
-// (chunk ^ (row % 8)), so the 8 rows read by each ldmatrix hit distinct banks.
+// Shared-memory tiles are [rows][D], swizzled (csrc/attention_tile.cuh).
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "csrc/attention_tile.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
 #include "csrc/vec.cuh"
@@ -40,11 +40,6 @@ struct Config {
   static constexpr int kTileElems = kTileKeys * D;
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
 };
-
-template <int D>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p) {
@@ -171,15 +166,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
     T* s_kt = stage_k(tile % kStages);
     const T* s_vt = s_kt + Cfg::kTileElems;
     if (var.rope) {
-      for (int i = tid; i < kTileKeys * (D / 2); i += kThreads) {
-        const int r = i / (D / 2), j = i % (D / 2);
-        T* lo_p = s_kt + swizzle<D>(r, j / 8) + j % 8;
-        T* hi_p = s_kt + swizzle<D>(r, (j + D / 2) / 8) + j % 8;
-        float lo = to_float(*lo_p), hi = to_float(*hi_p);
-        var.rope_pair(lo, hi, j, D, first + r);
-        *lo_p = from_float<T>(lo);
-        *hi_p = from_float<T>(hi);
-      }
+      rotate_key_tile<T, D, kTileKeys, kThreads>(s_kt, first, var);
       __syncthreads();
     }
 
@@ -201,7 +188,6 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
     }
 
     // Variant logits and masks, then the online-softmax update of each row.
-    float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -215,33 +201,9 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
           ok = at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
         }
         s[nt][j] = ok ? var.logit(s[nt][j], my_head[i], pos, my_pos[i]) : -INFINITY;
-        row_max[i] = fmaxf(row_max[i], s[nt][j]);
       }
     }
-    float scale[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffff, row_max[i], 1));
-      row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffff, row_max[i], 2));
-      const float m_new = fmaxf(m[i], row_max[i]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-      scale[i] = exp2f(m[i] - m_use);
-      m[i] = m_new;
-      l[i] *= scale[i];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[nt][2 * i] = exp2f(s[nt][2 * i] - m_use);
-        s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - m_use);
-        l[i] += s[nt][2 * i] + s[nt][2 * i + 1];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= scale[0];
-      o[dt][1] *= scale[0];
-      o[dt][2] *= scale[1];
-      o[dt][3] *= scale[1];
-    }
+    online_softmax_step(s, m, l, o);
 
     // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
 #pragma unroll

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "csrc/attention_variant.cuh"
 #include "csrc/dtype.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,6 +35,55 @@ inline int64_t prod(ffi::AnyBuffer::Dimensions dims, size_t begin, size_t end) {
 
 inline ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("jaxinfer: " + what);
+}
+
+// A paged K/V cache as the attention kernels address it: element (page, slot,
+// head, d) of K (V) sits at k (v) + page * stride_page + slot * stride_slot +
+// head * stride_head + d.
+struct PagedCache {
+  const void* k;
+  const void* v;
+  int64_t pages, page_size, num_kv_heads, head_dim;
+  int64_t stride_page, stride_slot, stride_head;
+};
+
+// k, v: [pages, page_size, Hkv, D] (kv_layout 0, "NHD") or [pages, Hkv,
+// page_size, D] (1, "HND"); or one [pages, 2, ...] array passed as both.
+// nullopt for other ranks or a cache with no pages.
+inline std::optional<PagedCache> paged_cache(ffi::AnyBuffer k, ffi::AnyBuffer v, int32_t kv_layout) {
+  const auto kd = k.dimensions();
+  const bool combined = kd.size() == 5;
+  if ((kd.size() != 4 && !combined) || kd[0] == 0) return std::nullopt;
+  // Page-relative dims, dropping the combined cache's K/V axis.
+  const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
+  const bool nhd = kv_layout == 0;
+  PagedCache c{};
+  c.pages = kd[0];
+  c.page_size = nhd ? a : b;
+  c.num_kv_heads = nhd ? b : a;
+  c.head_dim = head_dim;
+  c.k = k.untyped_data();
+  c.v = combined ? static_cast<const char*>(c.k) + k.size_bytes() / c.pages / 2 : v.untyped_data();
+  c.stride_page = (combined ? 2 : 1) * c.page_size * c.num_kv_heads * head_dim;
+  c.stride_slot = nhd ? c.num_kv_heads * head_dim : head_dim;
+  c.stride_head = nhd ? head_dim : c.page_size * head_dim;
+  return c;
+}
+
+// The variant attributes every attention handler takes, as the kernels' value type.
+inline AttentionVariant attention_variant(float sm_scale, bool causal, float logits_soft_cap,
+                                          int32_t window_left, const float* alibi_slopes, bool rope,
+                                          float rope_scale, float rope_theta) {
+  AttentionVariant v;
+  v.sm_scale = sm_scale;
+  v.causal = causal;
+  v.soft_cap = logits_soft_cap;
+  v.window_left = window_left;
+  v.alibi_slopes = alibi_slopes;
+  v.rope = rope;
+  v.rope_rcp_scale = 1.f / rope_scale;
+  v.rope_theta = rope_theta;
+  return v;
 }
 
 template <typename Fn>

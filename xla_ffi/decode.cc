@@ -28,44 +28,36 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                       float rope_scale, float rope_theta) {
   const auto dtype = ffi_util::to_dtype(q.element_type());
   const auto qd = q.dimensions();
-  const auto kd = k_cache.dimensions();
-  const bool combined = kd.size() == 5;
-  if (!dtype || k_cache.element_type() != q.element_type() || qd.size() != 3 ||
-      (kd.size() != 4 && !combined)) {
-    return invalid("decode: q must be [batch, heads, dim] and the caches 4-d (or one 5-d) of q's dtype");
+  const auto cache = ffi_util::paged_cache(k_cache, v_cache, kv_layout);
+  if (!dtype || k_cache.element_type() != q.element_type() || qd.size() != 3 || !cache) {
+    return invalid("decode: q must be [batch, heads, dim] and the caches 4-d (or one 5-d) of q's "
+                   "dtype with at least one page");
   }
-  // Page-relative dims, dropping the combined cache's K/V axis.
-  const int64_t pages = kd[0];
-  if (pages == 0) return invalid("decode: the cache has no pages");
-  const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
-  const bool nhd = kv_layout == 0;
-  const int64_t page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
 
   DecodeParams p{};
   p.dtype = *dtype;
   p.batch = static_cast<int>(qd[0]);
   p.num_qo_heads = static_cast<int>(qd[1]);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.head_dim = static_cast<int>(head_dim);
-  p.page_size = static_cast<int>(page_size);
+  p.num_kv_heads = static_cast<int>(cache->num_kv_heads);
+  p.head_dim = static_cast<int>(cache->head_dim);
+  p.page_size = static_cast<int>(cache->page_size);
   p.num_items = static_cast<int>(items.element_count() / kItemFields);
   p.num_ctas = static_cast<int>(cta_items.element_count()) - 1;
-  p.num_pages = pages;
+  p.num_pages = cache->pages;
   p.num_kv_indices = kv_indices.element_count();
   if (items.dimensions().size() != 2 || items.dimensions()[1] != kItemFields || p.num_ctas < 0) {
     return invalid("decode: plan.items must be [work_items, 6] and plan.cta_items non-empty");
   }
   if (p.num_ctas > 65535) return invalid("decode: more than 65535 CTA slots");
-  if (qd[2] != head_dim || p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
+  if (qd[2] != cache->head_dim || p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
     return invalid("decode: q and cache head dims disagree, or num_qo_heads % num_kv_heads != 0");
   }
   p.q = q.untyped_data();
-  p.k = k_cache.untyped_data();
-  p.v = combined ? static_cast<const char*>(p.k) + (k_cache.size_bytes() / pages / 2)
-                 : v_cache.untyped_data();
-  p.stride_page = (combined ? 2 : 1) * page_size * num_kv_heads * head_dim;
-  p.stride_slot = nhd ? num_kv_heads * head_dim : head_dim;
-  p.stride_head = nhd ? head_dim : page_size * head_dim;
+  p.k = cache->k;
+  p.v = cache->v;
+  p.stride_page = cache->stride_page;
+  p.stride_slot = cache->stride_slot;
+  p.stride_head = cache->stride_head;
   p.kv_indices = kv_indices.typed_data();
   p.items = items.typed_data();
   p.cta_items = cta_items.typed_data();
@@ -74,13 +66,9 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.lse = lse->typed_data();
   p.partial_o = partial_o->typed_data();
   p.partial_lse = partial_lse->typed_data();
-  p.variant.sm_scale = sm_scale;
-  p.variant.soft_cap = logits_soft_cap;
-  p.variant.window_left = window_left;
-  p.variant.alibi_slopes = use_alibi ? alibi_slopes.typed_data() : nullptr;
-  p.variant.rope = rope != 0;
-  p.variant.rope_rcp_scale = 1.f / rope_scale;
-  p.variant.rope_theta = rope_theta;
+  p.variant = ffi_util::attention_variant(sm_scale, false, logits_soft_cap, window_left,
+                                          use_alibi ? alibi_slopes.typed_data() : nullptr, rope != 0,
+                                          rope_scale, rope_theta);
 
   if (cudaError_t e = decode_cuda(p, stream); e != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxinfer decode: ") + cudaGetErrorString(e));

@@ -28,9 +28,9 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   const auto dtype = ffi_util::to_dtype(q.element_type());
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
-  const bool ragged = kd.size() == 3, combined = kd.size() == 5;
+  const bool ragged = kd.size() == 3;
   if (!dtype || k_cache.element_type() != q.element_type() || qd.size() != 3 ||
-      !(ragged || kd.size() == 4 || combined)) {
+      !(ragged || kd.size() == 4 || kd.size() == 5)) {
     return invalid("prefill: q must be [tokens, heads, dim] and the caches of q's dtype");
   }
   if (items.dimensions().size() != 2 || items.dimensions()[1] != kPfItemFields) {
@@ -56,18 +56,16 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
     p.kv_indices = nullptr;
     if (kd[2] != qd[2]) return invalid("prefill: q and k head dims disagree");
   } else {
-    const int64_t pages = kd[0];
-    const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
-    const bool nhd = kv_layout == 0;
-    const int64_t page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
-    if (pages == 0 || head_dim != qd[2]) return invalid("prefill: empty cache or head dims disagree");
-    p.num_kv_heads = static_cast<int>(num_kv_heads);
-    p.page_size = static_cast<int>(page_size);
-    p.num_pages = pages;
-    if (combined) p.v = static_cast<const char*>(p.k) + k_cache.size_bytes() / pages / 2;
-    p.stride_page = (combined ? 2 : 1) * page_size * num_kv_heads * head_dim;
-    p.stride_slot = nhd ? num_kv_heads * head_dim : head_dim;
-    p.stride_head = nhd ? head_dim : page_size * head_dim;
+    const auto cache = ffi_util::paged_cache(k_cache, v_cache, kv_layout);
+    if (!cache || cache->head_dim != qd[2]) return invalid("prefill: empty cache or head dims disagree");
+    p.num_kv_heads = static_cast<int>(cache->num_kv_heads);
+    p.page_size = static_cast<int>(cache->page_size);
+    p.num_pages = cache->pages;
+    p.k = cache->k;
+    p.v = cache->v;
+    p.stride_page = cache->stride_page;
+    p.stride_slot = cache->stride_slot;
+    p.stride_head = cache->stride_head;
     p.kv_indices = kv_indices.typed_data();
     p.num_kv_indices = kv_indices.element_count();
   }
@@ -79,14 +77,9 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   p.mask_len = custom_mask.size_bytes();
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
-  p.variant.sm_scale = sm_scale;
-  p.variant.causal = causal != 0;
-  p.variant.soft_cap = logits_soft_cap;
-  p.variant.window_left = window_left;
-  p.variant.alibi_slopes = use_alibi ? alibi_slopes.typed_data() : nullptr;
-  p.variant.rope = rope != 0;
-  p.variant.rope_rcp_scale = 1.f / rope_scale;
-  p.variant.rope_theta = rope_theta;
+  p.variant = ffi_util::attention_variant(sm_scale, causal != 0, logits_soft_cap, window_left,
+                                          use_alibi ? alibi_slopes.typed_data() : nullptr, rope != 0,
+                                          rope_scale, rope_theta);
   if (cudaError_t e = prefill_cuda(p, stream); e != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxinfer prefill: ") + cudaGetErrorString(e));
   }

@@ -1,0 +1,74 @@
+// Pieces shared by the tensor-core attention kernels (decode, prefill): the
+// swizzled shared-memory tile layout, RoPE on a key tile, and the online
+// softmax on mma.sync m16n8 C fragments.
+#pragma once
+#include <cstdint>
+
+#include "csrc/attention_variant.cuh"
+#include "csrc/vec.cuh"
+
+namespace jaxinfer {
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a [rows][D] tile of
+// 16-bit elements, chunks XOR-swizzled by row (chunk ^ (row % 8)), so the 8
+// rows read by each ldmatrix hit distinct banks.
+template <int D>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// RoPE over a [kRows][D] swizzled key tile in place, row r at position
+// first_pos + r; the CTA's kThreads threads share the pairs. The caller
+// synchronises before and after.
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void rotate_key_tile(T* tile, int first_pos, const AttentionVariant& var) {
+  for (int i = threadIdx.x; i < kRows * (D / 2); i += kThreads) {
+    const int r = i / (D / 2), j = i % (D / 2);
+    T* lo_p = tile + swizzle<D>(r, j / 8) + j % 8;
+    T* hi_p = tile + swizzle<D>(r, (j + D / 2) / 8) + j % 8;
+    float lo = to_float(*lo_p), hi = to_float(*hi_p);
+    var.rope_pair(lo, hi, j, D, first_pos + r);
+    *lo_p = from_float<T>(lo);
+    *hi_p = from_float<T>(hi);
+  }
+}
+
+// One tile's online-softmax step for the two rows a thread holds in m16n8 C
+// fragments (row gid: elements 0, 1 of each n-tile; row gid + 8: elements 2,
+// 3; a row's 4 owners are the lanes of one quad). s holds the tile's masked
+// base-2 logits (-inf = masked) and leaves as unnormalised probabilities;
+// the running max m and this lane's share of the sums l are updated, and the
+// output accumulators o rescaled to the new max.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4]) {
+  float scale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
+    row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
+    const float m_new = fmaxf(m[r], row_max);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+    scale[r] = exp2f(m[r] - m_use);
+    m[r] = m_new;
+    l[r] *= scale[r];
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
+      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
+      l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+  }
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) {
+    o[dt][0] *= scale[0];
+    o[dt][1] *= scale[0];
+    o[dt][2] *= scale[1];
+    o[dt][3] *= scale[1];
+  }
+}
+
+}  // namespace jaxinfer
