@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "csrc/attention_tile.cuh"
+#include "csrc/merge_state.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
 #include "csrc/vec.cuh"
@@ -71,8 +72,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
 
   // Position of packed row r (of the tile) and the tile's key range.
   auto q_pos_of = [&](int r) { return kv_len - q_len + (row_begin + r) / group; };
-  const int kv_lo = var.first_visible(q_pos_of(0));
-  const int kv_hi = var.end_visible(q_pos_of(rows - 1), kv_len);
+  const int kv_lo = max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]);
+  const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
   const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kTileKeys - 1) / kTileKeys : 0;
 
   const T* k_base = static_cast<const T*>(p.k) + kv_head * p.stride_head;
@@ -224,23 +225,50 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
   }
   cp_async_wait<0>();
 
-  // Normalise and write this thread's two rows (zeros and -inf for a row that saw no key).
+  // Normalise and write this thread's two rows (zeros and -inf for a row that
+  // saw no key): to o, or to the partial state of this item's KV split.
+  const int split = min(max(f[kPfSplit], 0), p.num_splits - 1);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
     l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
     if (!my_valid[i]) continue;
     const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const int64_t out_row = (q_begin + my_token[i]) * p.num_qo_heads + my_head[i];
+    const float row_lse = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+    const int64_t token = q_begin + my_token[i];
+    if (p.partial_o != nullptr) {
+      const int64_t state = (token * p.num_splits + split) * p.num_qo_heads + my_head[i];
+      float* out = p.partial_o + state * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<float2*>(out + dt * 8 + 2 * tig) = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+      }
+      if (tig == 0) p.partial_lse[state] = row_lse;
+      continue;
+    }
+    const int64_t out_row = token * p.num_qo_heads + my_head[i];
     T* out = static_cast<T*>(p.o) + out_row * D;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const float pair[2] = {o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv};
       store_float<T, 2>(out + dt * 8 + 2 * tig, pair);
     }
-    if (tig == 0) p.lse[out_row] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+    if (tig == 0) p.lse[out_row] = row_lse;
   }
 }
+
+// The KV splits' partial states: [total_q, num_splits, num_qo_heads, head_dim].
+struct SplitStates {
+  using Elem = float;
+  const float* o_base;
+  const float* lse_base;
+  int64_t splits, heads, dim;
+  __device__ int count(int64_t) const { return static_cast<int>(splits); }
+  __device__ bool done(int64_t) const { return false; }
+  __device__ int64_t index(int64_t row, int i) const { return ((row / heads) * splits + i) * heads + row % heads; }
+  __device__ float lse(int64_t row, int i) const { return lse_base[index(row, i)]; }
+  __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
+};
 
 }  // namespace prefill_detail
 
@@ -263,6 +291,11 @@ cudaError_t launch_prefill(const PrefillParams& p, cudaStream_t stream) {
         opted_in[device & 63] = true;
       }
       if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), kThreads, smem, stream>>>(p);
+      if (p.partial_o != nullptr) {
+        launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, kHeadDim},
+                     static_cast<T*>(p.o), p.lse, p.total_q * p.num_qo_heads, kHeadDim, p.num_splits,
+                     stream);
+      }
       return cudaGetLastError();
     }
   });

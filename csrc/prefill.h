@@ -21,10 +21,12 @@ constexpr int kPrefillTileRows = 64;  // packed query rows per CTA (4 warps x 16
 // [row_begin, row_begin + kPrefillTileRows) of the request whose queries are
 // q[q_begin, q_begin + q_len) and whose kv_len keys are entries
 // [kv_begin, kv_end) of kv_indices (paged) or rows [kv_begin, kv_end) of k, v
-// (ragged); its custom mask, if any, starts at mask_begin.
+// (ragged); its custom mask, if any, starts at mask_begin. With KV splits,
+// the item sees only key positions [split_begin, split_end) and writes the
+// partial state of split `split`.
 enum PrefillItemField {
   kPfRequest, kPfQBegin, kPfQLen, kPfRowBegin, kPfKvLen, kPfKvBegin, kPfKvEnd, kPfMaskBegin,
-  kPfItemFields
+  kPfSplit, kPfSplitBegin, kPfSplitEnd, kPfItemFields
 };
 
 struct PrefillParams {
@@ -49,6 +51,11 @@ struct PrefillParams {
 
   void* o;     // [total_q, num_qo_heads, head_dim]
   float* lse;  // [total_q, num_qo_heads], base 2
+  // KV splits > 1: every item writes the fp32 state of its split here, and a
+  // merge over the splits writes o and lse. 1: items write o and lse directly.
+  int num_splits;
+  float* partial_o;    // [total_q, num_splits, num_qo_heads, head_dim]
+  float* partial_lse;  // [total_q, num_splits, num_qo_heads]
 
   AttentionVariant variant;
 };

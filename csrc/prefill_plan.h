@@ -7,6 +7,9 @@
 // the long tiles start in the first wave and short ones fill the tail. The
 // rows past the batch's last query (static padding of q) get items of their
 // own with no keys: their CTAs write the zeros and -inf the API promises.
+// With kv_splits > 1 every tile becomes kv_splits items, one per equal slice
+// of the request's key positions (tile-aligned; a slice may be empty and
+// still writes its empty state), for batches too small to fill the GPU.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -23,7 +26,7 @@ namespace jaxinfer {
 inline int64_t split_prefill_work(const int32_t* qo_indptr, const int32_t* kv_len,
                                   const int32_t* kv_begin, const int32_t* kv_end,
                                   const int32_t* mask_begin, int batch, int group, int tile_rows,
-                                  int64_t total_q, int32_t* items, int64_t capacity) {
+                                  int kv_splits, int64_t total_q, int32_t* items, int64_t capacity) {
   struct Tile { int64_t cost; int32_t fields[kPfItemFields]; };
   std::vector<Tile> tiles;
   auto add_request = [&](int32_t request, int32_t q_begin, int32_t q_len, int32_t len,
@@ -32,8 +35,16 @@ inline int64_t split_prefill_work(const int32_t* qo_indptr, const int32_t* kv_le
     for (int64_t row = 0; row < rows; row += tile_rows) {
       const int64_t last_token = std::min(rows, row + tile_rows) / group;
       const int64_t keys = std::min<int64_t>(len, int64_t(len) - q_len + last_token + 1);
-      tiles.push_back({std::max<int64_t>(keys, 0),
-                       {request, q_begin, q_len, static_cast<int32_t>(row), len, begin, end, mask}});
+      // Slice c of kv_splits: positions [bound(c), bound(c + 1)), multiples of 64.
+      auto bound = [&](int c) -> int32_t {
+        if (c >= kv_splits) return len;
+        return static_cast<int32_t>((int64_t(len) * c / kv_splits + 63) / 64 * 64);
+      };
+      for (int c = 0; c < kv_splits; ++c) {
+        tiles.push_back({std::max<int64_t>(keys, 0) / kv_splits,
+                         {request, q_begin, q_len, static_cast<int32_t>(row), len, begin, end, mask, c,
+                          bound(c), bound(c + 1)}});
+      }
     }
   };
   for (int b = 0; b < batch; ++b) {

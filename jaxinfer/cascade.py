@@ -32,7 +32,8 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 
 from jaxinfer.merge import merge_states
-from jaxinfer.prefill import batch_prefill, plan_prefill
+from jaxinfer.decode import H100_SMS
+from jaxinfer.prefill import TILE_ROWS, batch_prefill, plan_prefill
 
 
 class CascadePlan(NamedTuple):
@@ -41,8 +42,17 @@ class CascadePlan(NamedTuple):
     levels: tuple
 
 
+def shared_kv_splits(max_q_tokens: int, num_qo_heads: int, num_kv_heads: int,
+                     num_sms: int = H100_SMS) -> int:
+    """KV splits for a shared level: its few query tiles alone would leave most of the
+    GPU idle, so each tile's keys are cut into slices until about two CTAs per SM run."""
+    tiles = -(-max_q_tokens * (num_qo_heads // num_kv_heads) // TILE_ROWS)
+    return max(1, min(16, 2 * num_sms // (tiles * num_kv_heads)))
+
+
 def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page_size: int,
-                 max_q_tokens: int, max_groups: Sequence[int], max_pages: Sequence[int]) -> CascadePlan:
+                 max_q_tokens: int, max_groups: Sequence[int], max_pages: Sequence[int],
+                 kv_splits: Sequence[int] | None = None) -> CascadePlan:
     """Plans every level once per step on the host.
 
     Args:
@@ -50,12 +60,17 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
         all int; every level's groups cover the same query rows 0..qo_indptr[-1].
       num_qo_heads, num_kv_heads, page_size: of q and the caches (the same at every level).
       max_q_tokens: static rows of q; max_groups, max_pages: static capacities per level.
+      kv_splits: static KV splits per level (see plan_prefill); default: shared_kv_splits
+        for every level but the last, 1 for the last (one group per request).
     """
     if not levels:
         raise ValueError("levels: expected at least one level")
     if len(max_groups) != len(levels) or len(max_pages) != len(levels):
         raise ValueError(f"max_groups, max_pages: expected one capacity per level ({len(levels)}), "
                          f"got {len(max_groups)} and {len(max_pages)}")
+    if kv_splits is None:
+        shared = shared_kv_splits(max_q_tokens, num_qo_heads, num_kv_heads)
+        kv_splits = [shared] * (len(levels) - 1) + [1]
     plans, rows = [], None
     for i, (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) in enumerate(levels):
         # A level may hold fewer keys than queries (an empty suffix): under causal its
@@ -63,7 +78,8 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
         plan = plan_prefill(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                             num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                             max_batch=max_groups[i], max_q_tokens=max_q_tokens,
-                            page_size=page_size, max_pages=max_pages[i], queries_after_keys=False)
+                            page_size=page_size, max_pages=max_pages[i], queries_after_keys=False,
+                            kv_splits=kv_splits[i])
         total = int(plan.qo_indptr[-1])
         if rows is not None and total != rows:
             raise ValueError(f"levels[{i}]: its groups cover {total} query rows, level 0's {rows}")

@@ -32,7 +32,7 @@ from jaxinfer._checks import Shapes
 from jaxinfer.decode import KERNEL_DTYPES, KERNEL_HEAD_DIMS, _split_cache
 
 TILE_ROWS = 64  # packed query rows per work item (csrc/prefill.h kPrefillTileRows)
-ITEM_FIELDS = 8  # columns of PrefillPlan.items (csrc/prefill.h PrefillItemField)
+ITEM_FIELDS = 11  # columns of PrefillPlan.items (csrc/prefill.h PrefillItemField)
 
 
 class PrefillPlan(NamedTuple):
@@ -43,17 +43,19 @@ class PrefillPlan(NamedTuple):
     kv_indices: np.ndarray        # [max_pages] (paged), [0] (ragged)
     kv_last_page_len: np.ndarray  # [B] (paged; ragged: kv lengths, unused by the kernel)
     items: np.ndarray             # [W, ITEM_FIELDS]: one tile of query rows (csrc/prefill.h)
+    kv_splits: np.ndarray         # [S] = 0..S-1: its LENGTH is the static number of KV splits
 
 
-def work_capacity(max_batch: int, max_q_tokens: int, group: int) -> int:
-    """Items: the tiles of every request, of the padding rows, and one partial tile each."""
-    return -(-max_q_tokens * group // TILE_ROWS) + max_batch + 1
+def work_capacity(max_batch: int, max_q_tokens: int, group: int, kv_splits: int = 1) -> int:
+    """Items: the tiles of every request, of the padding rows, and one partial tile each,
+    times the KV splits."""
+    return (-(-max_q_tokens * group // TILE_ROWS) + max_batch + 1) * kv_splits
 
 
 def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *,
                  num_qo_heads: int, num_kv_heads: int, max_batch: int, max_q_tokens: int,
                  page_size: int = 1, max_pages: int | None = None,
-                 queries_after_keys: bool = True) -> PrefillPlan:
+                 queries_after_keys: bool = True, kv_splits: int = 1) -> PrefillPlan:
     """Builds a PrefillPlan on the host (numpy and a C++ loop; no device work).
 
     Args:
@@ -71,6 +73,10 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *
         kv_len >= q_len (checked). False for keys that several queries share without
         a position order (a cascade's shared level): any lengths, and then only the
         position-free options apply (no causal, window, ALiBi or RoPE).
+      kv_splits: static; > 1 cuts every request's keys into that many slices, each its
+        own work item, and merges their states: for batches whose query tiles alone
+        leave the GPU idle (few, short query sets over long keys, such as a cascade's
+        shared level). Costs a [max_q_tokens, kv_splits, heads, head_dim] fp32 workspace.
     """
     qo = np.asarray(qo_indptr, np.int32)
     kv = np.asarray(kv_indptr, np.int32)
@@ -117,18 +123,21 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *
     if batch and mask_begin[-1] + int(q_lens[-1]) * int(kv_lens[-1]) >= 2**31:
         raise ValueError("custom masks past 2**31 elements are not supported")
 
+    if kv_splits < 1:
+        raise ValueError(f"kv_splits: expected at least 1, got {kv_splits}")
     group = num_qo_heads // num_kv_heads
-    items = np.empty((work_capacity(max_batch, max_q_tokens, group), ITEM_FIELDS), np.int32)
+    items = np.empty((work_capacity(max_batch, max_q_tokens, group, kv_splits), ITEM_FIELDS), np.int32)
     num_items = _ffi.module("prefill").split_work(
         qo, kv_lens, np.ascontiguousarray(kv[:-1]), np.ascontiguousarray(kv[1:]),
-        mask_begin.astype(np.int32), group, max_q_tokens, items)
+        mask_begin.astype(np.int32), group, kv_splits, max_q_tokens, items)
     assert 0 <= num_items <= items.shape[0], num_items
 
     padded_qo = np.full(max_batch + 1, qo[-1], np.int32)
     padded_qo[:batch + 1] = qo
     padded_last = np.ones(max_batch, np.int32)
     padded_last[:batch] = last
-    return PrefillPlan(padded_qo, padded_kv, padded_indices, padded_last, items)
+    return PrefillPlan(padded_qo, padded_kv, padded_indices, padded_last, items,
+                       np.arange(kv_splits, dtype=np.int32))
 
 
 def _options(dims, head_dim, causal, sm_scale, logits_soft_cap, window_left, alibi_slopes, rope,
@@ -148,6 +157,7 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
     dims.check("plan.qo_indptr", plan.qo_indptr, ("max_batch_plus_1",), int32)
     dims.check("plan.kv_indptr", plan.kv_indptr, ("max_batch_plus_1",), int32)
     dims.check("plan.items", plan.items, ("work_items", ITEM_FIELDS), int32)
+    dims.check("plan.kv_splits", plan.kv_splits, ("kv_splits",), int32)
     if custom_mask is not None:
         dims.check("custom_mask", custom_mask, ("mask_len",), (jnp.bool_,))
     if dims.dims["num_qo_heads"] % dims.dims["num_kv_heads"]:
@@ -161,14 +171,18 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
     if not (_ffi.use_ffi("prefill", implementation) and kernel_ok):
         return reference_fn(custom_mask=custom_mask, return_lse=return_lse, **options)
 
+    splits = plan.kv_splits.shape[0]
+    workspace = (q.shape[0], splits, *q.shape[1:]) if splits > 1 else (1, 1, 1, 1)
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(q.shape[:2], jnp.float32))
+                 jax.ShapeDtypeStruct(q.shape[:2], jnp.float32),
+                 jax.ShapeDtypeStruct(workspace, jnp.float32),
+                 jax.ShapeDtypeStruct(workspace[:3], jnp.float32))
     heads = q.shape[1]
     slopes = options["alibi_slopes"]
     slopes = jnp.zeros((heads,), jnp.float32) if slopes is None else slopes
     mask = jnp.zeros((1,), jnp.bool_) if custom_mask is None else custom_mask
-    o, lse = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
-        q, k, v, slopes, plan.kv_indices, plan.items, mask,
+    o, lse, _, _ = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
+        q, k, v, slopes, plan.kv_indices, plan.items, mask, kv_splits=np.int32(splits),
         kv_layout=np.int32(kv_layout == "HND"), causal=np.int32(options["causal"]),
         sm_scale=np.float32(options["sm_scale"]),
         logits_soft_cap=np.float32(options["logits_soft_cap"]),

@@ -15,11 +15,12 @@ from jaxinfer import prefill as prefill_mod
 from jaxinfer import reference
 
 RNG = np.random.default_rng()
-REQUEST, Q_BEGIN, Q_LEN, ROW_BEGIN, KV_LEN = range(5)
+REQUEST, Q_BEGIN, Q_LEN, ROW_BEGIN, KV_LEN, KV_BEGIN, KV_END, MASK_BEGIN, SPLIT, SPLIT_BEGIN, SPLIT_END = range(11)
 
 
 def make_case(q_lens, kv_lens, *, head_dim, group, num_kv_heads=1, page_size=16, paged=True,
-              layout="NHD", dtype=jnp.bfloat16, max_batch=None, max_q_tokens=None, mask=False):
+              layout="NHD", dtype=jnp.bfloat16, max_batch=None, max_q_tokens=None, mask=False,
+              kv_splits=1):
     """Random inputs, the plan, and the pieces the per-request reference needs."""
     batch = len(q_lens)
     max_batch = max_batch or batch
@@ -37,14 +38,14 @@ def make_case(q_lens, kv_lens, *, head_dim, group, num_kv_heads=1, page_size=16,
         plan = jaxinfer.plan_prefill(qo_indptr, kv_indptr, kv_indices, last, page_size=page_size,
                                      num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                                      max_batch=max_batch, max_q_tokens=max_q_tokens,
-                                     max_pages=num_pages)
+                                     max_pages=num_pages, kv_splits=kv_splits)
     else:
         kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
         k, v = random_cache(int(kv_indptr[-1]) + 5, 1, num_kv_heads, head_dim, dtype, "NHD")
         case.update(k=k[:, 0], v=v[:, 0], kv_indptr=kv_indptr)
         plan = jaxinfer.plan_prefill(qo_indptr, kv_indptr, num_qo_heads=num_qo_heads,
                                      num_kv_heads=num_kv_heads, max_batch=max_batch,
-                                     max_q_tokens=max_q_tokens)
+                                     max_q_tokens=max_q_tokens, kv_splits=kv_splits)
     case["plan"] = plan
     if mask:
         sizes = [a * b for a, b in zip(q_lens, kv_lens)]
@@ -156,6 +157,26 @@ def test_plan_covers_every_row_once_heaviest_first():
         assert np.all(np.diff(visible) <= 0)
 
 
+def test_plan_kv_splits_cover_each_tile_keys_once():
+    q_lens, kv_lens = np.array([3, 70, 0]), np.array([1000, 70, 5])
+    qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    kv = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    plan = jaxinfer.plan_prefill(qo, kv, num_qo_heads=4, num_kv_heads=2, max_batch=3,
+                                 max_q_tokens=80, kv_splits=3)
+    assert plan.kv_splits.shape == (3,)
+    items = plan.items[plan.items[:, REQUEST] >= 0]
+    for key in {(it[REQUEST], it[ROW_BEGIN]) for it in items}:
+        pieces = sorted((it[SPLIT], it[SPLIT_BEGIN], it[SPLIT_END]) for it in items
+                        if (it[REQUEST], it[ROW_BEGIN]) == key)
+        assert [p[0] for p in pieces] == [0, 1, 2]
+        length = next(it[KV_LEN] for it in items if (it[REQUEST], it[ROW_BEGIN]) == key)
+        covered = np.zeros(max(length, 1), int)
+        for _, begin, end in pieces:
+            covered[begin:max(begin, end)] += 1
+            assert begin % 64 == 0
+        np.testing.assert_array_equal(covered[:length], 1)
+
+
 def test_plan_rejects_bad_tables():
     with pytest.raises(ValueError, match="^qo_indptr: expected shape"):
         jaxinfer.plan_prefill(np.zeros(6, np.int32), np.zeros(6, np.int32), num_qo_heads=1,
@@ -196,7 +217,7 @@ def test_bad_inputs_name_the_argument():
         jaxinfer.batch_prefill(q[0], cache, plan)
     with pytest.raises(ValueError, match=r"^k_cache: expected dtype in \(bfloat16\)"):
         jaxinfer.batch_prefill(q, (cache[0].astype(jnp.float16), cache[1]), plan)
-    with pytest.raises(ValueError, match=r"^plan.items: expected shape \[work_items, 8\]"):
+    with pytest.raises(ValueError, match=r"^plan.items: expected shape \[work_items, 11\]"):
         jaxinfer.batch_prefill(q, cache, plan._replace(items=plan.items[:, :4]))
     with pytest.raises(ValueError, match=r"^custom_mask: expected dtype in \(bool\)"):
         jaxinfer.batch_prefill(q, cache, plan, custom_mask=jnp.zeros(15, jnp.int32))
@@ -264,6 +285,20 @@ def test_gpu_prefill_grid(batch, head_dim, group, page_size, causal, mask, dtype
                      page_size=max(page_size, 1), paged=page_size > 0,
                      layout="HND" if page_size == 1 else "NHD", dtype=dtype, mask=mask)
     check(case, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [True, False])
+def test_gpu_prefill_kv_splits(paged):
+    """Few query tiles over long keys, split into slices and merged."""
+    case = make_case([1, 7, 3], [5000, 70, 3], head_dim=128, group=4, num_kv_heads=2, paged=paged,
+                     mask=not paged, kv_splits=5)
+    check(case, causal=True)
+    check(case, causal=False)
+
+
+def test_prefill_kv_splits_on_default_device():
+    check(make_case([2, 5], [200, 5], head_dim=64, group=2, page_size=8, kv_splits=3), causal=True)
 
 
 @pytest.mark.gpu

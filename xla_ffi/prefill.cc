@@ -22,7 +22,9 @@ using I32 = ffi::Buffer<ffi::S32>;
 ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                        ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes, I32 kv_indices,
                        I32 items, ffi::AnyBuffer custom_mask, ffi::Result<ffi::AnyBuffer> o,
-                       ffi::Result<ffi::Buffer<ffi::F32>> lse, int32_t kv_layout, int32_t causal,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> partial_o,
+                       ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, int32_t kv_splits,
+                       int32_t kv_layout, int32_t causal,
                        float sm_scale, float logits_soft_cap, int32_t window_left, int32_t use_alibi,
                        int32_t use_mask, int32_t rope, float rope_scale, float rope_theta) {
   const auto dtype = ffi_util::to_dtype(q.element_type());
@@ -34,7 +36,7 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
     return invalid("prefill: q must be [tokens, heads, dim] and the caches of q's dtype");
   }
   if (items.dimensions().size() != 2 || items.dimensions()[1] != kPfItemFields) {
-    return invalid("prefill: plan.items must be [work_items, 8]");
+    return invalid("prefill: plan.items must be [work_items, 11]");
   }
   PrefillParams p{};
   p.dtype = *dtype;
@@ -77,6 +79,17 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   p.mask_len = custom_mask.size_bytes();
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
+  p.num_splits = kv_splits;
+  if (kv_splits > 1) {
+    if (partial_o->element_count() != p.total_q * kv_splits * p.num_qo_heads * p.head_dim ||
+        partial_lse->element_count() != p.total_q * kv_splits * p.num_qo_heads) {
+      return invalid("prefill: the split workspace must be [tokens, kv_splits, heads, (dim)]");
+    }
+    p.partial_o = partial_o->typed_data();
+    p.partial_lse = partial_lse->typed_data();
+  } else if (kv_splits != 1) {
+    return invalid("prefill: kv_splits must be at least 1");
+  }
   p.variant = ffi_util::attention_variant(sm_scale, causal != 0, logits_soft_cap, window_left,
                                           use_alibi ? alibi_slopes.typed_data() : nullptr, rope != 0,
                                           rope_scale, rope_theta);
@@ -91,16 +104,16 @@ using HostI32 = nanobind::ndarray<int32_t, nanobind::c_contig, nanobind::device:
 
 // jaxinfer.plan_prefill's work split (csrc/prefill_plan.h) into the caller's items array.
 int64_t split_work(HostI32 qo_indptr, HostI32 kv_len, HostI32 kv_begin, HostI32 kv_end,
-                   HostI32 mask_begin, int group, int64_t total_q, HostI32 items) {
+                   HostI32 mask_begin, int group, int kv_splits, int64_t total_q, HostI32 items) {
   const int64_t batch = static_cast<int64_t>(kv_len.size());
   if (static_cast<int64_t>(qo_indptr.size()) != batch + 1 || kv_begin.size() != kv_len.size() ||
       kv_end.size() != kv_len.size() || mask_begin.size() != kv_len.size() || items.ndim() != 2 ||
-      items.shape(1) != kPfItemFields || group < 1) {
+      items.shape(1) != kPfItemFields || group < 1 || kv_splits < 1) {
     throw std::invalid_argument("split_work: inconsistent array sizes");
   }
   return split_prefill_work(qo_indptr.data(), kv_len.data(), kv_begin.data(), kv_end.data(),
                             mask_begin.data(), static_cast<int>(batch), group, kPrefillTileRows,
-                            total_q, items.data(), static_cast<int64_t>(items.shape(0)));
+                            kv_splits, total_q, items.data(), static_cast<int64_t>(items.shape(0)));
 }
 
 }  // namespace
@@ -118,6 +131,9 @@ XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
                            .Arg<ffi::AnyBuffer>()         // custom_mask (bool)
                            .Ret<ffi::AnyBuffer>()         // o
                            .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                           .Ret<ffi::Buffer<ffi::F32>>()  // partial_o (KV splits; workspace)
+                           .Ret<ffi::Buffer<ffi::F32>>()  // partial_lse (workspace)
+                           .Attr<int32_t>("kv_splits")
                            .Attr<int32_t>("kv_layout")
                            .Attr<int32_t>("causal")
                            .Attr<float>("sm_scale")
