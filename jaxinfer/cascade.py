@@ -73,8 +73,8 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
         kv_splits = [shared] * (len(levels) - 1) + [1]
     plans, rows = [], None
     for i, (qo_indptr, kv_indptr, kv_indices, kv_last_page_len) in enumerate(levels):
-        # A level may hold fewer keys than queries (an empty suffix): under causal its
-        # queries then sit before its first key and see none of it, as in the flat view.
+        # A level may hold fewer keys than queries (an empty suffix): its queries then
+        # sit before its first key, and under causal see none of its keys.
         plan = plan_prefill(qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
                             num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                             max_batch=max_groups[i], max_q_tokens=max_q_tokens,

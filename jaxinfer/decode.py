@@ -78,8 +78,8 @@ def plan_decode(kv_indptr, kv_indices, kv_last_page_len, *, page_size: int, num_
       max_batch, max_pages: static capacities; the plan's shapes depend on nothing else.
       num_sms: multiprocessors of the GPU (132 on an H100 SXM).
     """
-    indptr = np.asarray(kv_indptr, np.int32)
-    last = np.asarray(kv_last_page_len, np.int32)
+    indptr = np.ascontiguousarray(kv_indptr, np.int32)  # the C++ split reads them in place
+    last = np.ascontiguousarray(kv_last_page_len, np.int32)
     indices = np.asarray(kv_indices, np.int32)
     batch = indptr.shape[0] - 1
     if indptr.ndim != 1 or batch < 0 or batch > max_batch:

@@ -78,8 +78,8 @@ def plan_prefill(qo_indptr, kv_indptr, kv_indices=None, kv_last_page_len=None, *
         leave the GPU idle (few, short query sets over long keys, such as a cascade's
         shared level). Costs a [max_q_tokens, kv_splits, heads, head_dim] fp32 workspace.
     """
-    qo = np.asarray(qo_indptr, np.int32)
-    kv = np.asarray(kv_indptr, np.int32)
+    qo = np.ascontiguousarray(qo_indptr, np.int32)  # the C++ split reads them in place
+    kv = np.ascontiguousarray(kv_indptr, np.int32)
     batch = qo.shape[0] - 1
     if qo.ndim != 1 or batch < 0 or batch > max_batch:
         raise ValueError(f"qo_indptr: expected shape [B + 1] with B <= max_batch={max_batch}, "
