@@ -73,10 +73,81 @@ __device__ Best block_best(Best x, Best* scratch) {
   return x;
 }
 
+// Order-preserving bits of a float: a larger float has a larger key.
+__device__ __forceinline__ uint32_t order_key(float x) {
+  const uint32_t b = __float_as_uint(x);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float from_order_key(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Radix select over a row: walking the values from the largest down, the
+// value at which the running weight (1 per element when by_mass is false,
+// the value itself when true; NaN and, by mass, nonpositive values weigh
+// nothing) first reaches `target`, or the smallest value if it never does.
+// By count this is the target-th largest value; by mass, with target =
+// top_p * total, the smallest value whose strictly-larger mass is under
+// target. Four passes of 8 bits, per-warp histograms in `hist`
+// ([kWarps][256]). Every thread returns the same value.
+__device__ float select_threshold(const float* x, int64_t vocab, float target, bool by_mass,
+                                  float (*hist)[256], uint32_t* s_choice, float* s_target) {
+  const int warp = threadIdx.x / 32;
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < kWarps * 256; i += kThreads) hist[i / 256][i % 256] = 0.f;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
+      const float v = x[j];
+      const float w = by_mass ? (v > 0.f ? v : 0.f) : (v == v ? 1.f : 0.f);
+      const uint32_t key = order_key(v);
+      if (w > 0.f && (key & mask) == prefix) atomicAdd(&hist[warp][(key >> shift) & 255u], w);
+    }
+    __syncthreads();
+    if (threadIdx.x < 256) {
+      float total = 0.f;
+      for (int w = 0; w < kWarps; ++w) total += hist[w][threadIdx.x];
+      hist[0][threadIdx.x] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float above = 0.f;
+      int chosen = -1, lowest = -1;
+      for (int b = 255; b >= 0; --b) {
+        const float here = hist[0][b];
+        if (here <= 0.f) continue;
+        lowest = b;
+        if (above + here >= target) {
+          chosen = b;
+          break;
+        }
+        above += here;
+      }
+      if (chosen >= 0) {
+        *s_choice = chosen;
+        *s_target = target - above;
+      } else {  // never reached: keep descending to the smallest value
+        *s_choice = lowest >= 0 ? lowest : 0;
+        *s_target = INFINITY;
+      }
+    }
+    __syncthreads();
+    prefix |= *s_choice << shift;
+    mask |= 255u << shift;
+    target = *s_target;
+    __syncthreads();  // s_choice, s_target and hist reused by the next digit
+  }
+  return from_order_key(prefix);
+}
+
 __global__ void __launch_bounds__(kThreads) sampling_kernel(const SamplingParams p) {
   __shared__ float s_float[kWarps];
   __shared__ int64_t s_int[kWarps];
   __shared__ Best s_best[kWarps];
+  __shared__ float s_hist[kWarps][256];
+  __shared__ uint32_t s_choice;
+  __shared__ float s_target;
   const int64_t row = blockIdx.x;
   const float* x = p.probs + row * p.vocab;
   const uint2 key = make_uint2(p.seed[0], p.seed[1]);
@@ -85,17 +156,22 @@ __global__ void __launch_bounds__(kThreads) sampling_kernel(const SamplingParams
   auto max_f = [](float a, float b) { return fmaxf(a, b); };
 
   // Min-p scales by the row maximum: one pass before the draw. The row total
-  // (top-p's reference mass) is summed during the first draw.
-  float row_max = 0.f, total = 0.f;
+  // (top-p's reference mass) is summed during the first draw. Joint top-k +
+  // top-p first selects the k-th largest value: draws stay among the top k,
+  // and top-p applies to their mass.
+  float row_max = 0.f, total = 0.f, floor_incl = 0.f;
   if (p.mode == SamplingMode::kMinP) {
     for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) row_max = fmaxf(row_max, x[j]);
     row_max = block_reduce(row_max, max_f, s_float);
+    floor_incl = fmaxf(p.param[row], 0.f) * row_max;
+  } else if (p.mode == SamplingMode::kTopKTopP) {
+    floor_incl = select_threshold(x, p.vocab, float(max(p.top_k[row], 1)), false, s_hist, &s_choice, &s_target);
   }
 
   // Candidates: p > low and p >= floor_incl. Round r draws with counter (r, row, j / 4).
   float low = 0.f;
-  const float floor_incl = p.mode == SamplingMode::kMinP ? fmaxf(p.param[row], 0.f) * row_max : 0.f;
   const int64_t k = p.mode == SamplingMode::kTopK ? max(p.top_k[row], 1) : 0;
+  const bool top_p_mode = p.mode == SamplingMode::kTopP || p.mode == SamplingMode::kTopKTopP;
   int64_t token = -1;
   for (uint32_t round = 0;; ++round) {
     Best best{-INFINITY, -1};
@@ -108,14 +184,14 @@ __global__ void __launch_bounds__(kThreads) sampling_kernel(const SamplingParams
         const int64_t j = j4 * 4 + e;
         if (j >= p.vocab) break;
         const float v = x[j];
-        if (round == 0 && v > 0.f) total += v;
+        if (round == 0 && v > 0.f && v >= floor_incl) total += v;  // the mass top-p is relative to
         if (v > low && v >= floor_incl) best = better(best, Best{__logf(v) + gumbel(words[e]), j});
       }
     }
     best = block_best(best, s_best);
     token = best.token;
     if (token < 0 || p.mode == SamplingMode::kPlain || p.mode == SamplingMode::kMinP) break;
-    if (round == 0 && p.mode == SamplingMode::kTopP) total = block_reduce(total, add_f, s_float);
+    if (round == 0 && top_p_mode) total = block_reduce(total, add_f, s_float);
 
     // Is the drawn token in the filtered set? (The row maximum always is: nothing
     // lies above it, so the rounds end.)
@@ -124,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) sampling_kernel(const SamplingParams
     float mass_above = 0.f;
     for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) {
       const float v = x[j];
-      if (v > pt) ++count_above, mass_above += v;
+      if (v > pt && v >= floor_incl) ++count_above, mass_above += v;
     }
     bool accept;
     if (p.mode == SamplingMode::kTopK) {
@@ -140,7 +216,46 @@ __global__ void __launch_bounds__(kThreads) sampling_kernel(const SamplingParams
   if (threadIdx.x == 0) p.tokens[row] = static_cast<int32_t>(token);
 }
 
+__global__ void __launch_bounds__(kThreads) filter_kernel(const FilterParams p) {
+  __shared__ float s_float[kWarps];
+  __shared__ float s_hist[kWarps][256];
+  __shared__ uint32_t s_choice;
+  __shared__ float s_target;
+  const int64_t row = blockIdx.x;
+  const float* x = p.x + row * p.vocab;
+  float* out = p.out + row * p.vocab;
+  auto add_f = [](float a, float b) { return a + b; };
+
+  float threshold;
+  if (p.mode == FilterMode::kTopPRenorm) {
+    float total = 0.f;
+    for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) total += x[j] > 0.f ? x[j] : 0.f;
+    total = block_reduce(total, add_f, s_float);
+    const float top_p = p.top_p[row];
+    threshold = top_p >= 1.f ? 0.f
+                             : select_threshold(x, p.vocab, fmaxf(top_p, 0.f) * total, true, s_hist, &s_choice, &s_target);
+  } else {
+    threshold = select_threshold(x, p.vocab, float(max(p.top_k[row], 1)), false, s_hist, &s_choice, &s_target);
+  }
+  if (p.mode == FilterMode::kTopKMaskLogits) {
+    for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) out[j] = x[j] >= threshold ? x[j] : -INFINITY;
+    return;
+  }
+  float kept = 0.f;
+  for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) kept += x[j] >= threshold && x[j] > 0.f ? x[j] : 0.f;
+  kept = block_reduce(kept, add_f, s_float);
+  const float inv = kept > 0.f ? 1.f / kept : 0.f;
+  for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) {
+    out[j] = x[j] >= threshold && x[j] > 0.f ? x[j] * inv : 0.f;
+  }
+}
+
 }  // namespace
+
+cudaError_t filter_cuda(const FilterParams& p, cudaStream_t stream) {
+  if (p.batch > 0 && p.vocab > 0) filter_kernel<<<p.batch, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 cudaError_t sampling_cuda(const SamplingParams& p, cudaStream_t stream) {
   if (p.batch > 0 && p.vocab > 0) sampling_kernel<<<p.batch, kThreads, 0, stream>>>(p);

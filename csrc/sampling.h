@@ -15,16 +15,31 @@
 
 namespace jaxinfer {
 
-enum class SamplingMode : int32_t { kPlain = 0, kTopK = 1, kTopP = 2, kMinP = 3 };
+enum class SamplingMode : int32_t { kPlain = 0, kTopK = 1, kTopP = 2, kMinP = 3, kTopKTopP = 4 };
 
 struct SamplingParams {
   int64_t batch, vocab;
   const float* probs;     // [batch, vocab], nonnegative, any scale
   const uint32_t* seed;   // [2]: words derived from the JAX PRNG key
-  const int32_t* top_k;   // [batch] (kTopK; values below 1 count as 1)
-  const float* param;     // [batch]: top_p (kTopP) or min_p (kMinP)
+  const int32_t* top_k;   // [batch] (kTopK, kTopKTopP; values below 1 count as 1)
+  const float* param;     // [batch]: top_p (kTopP, kTopKTopP) or min_p (kMinP)
   SamplingMode mode;
   int32_t* tokens;        // [batch]: the draw, -1 for a row with no positive probability
+};
+
+// Filters that rewrite whole rows, built on a radix select of the threshold
+// (four passes of a 256-bin histogram over the order-preserving bits of the
+// values: the k-th largest value, or the smallest value whose strictly-larger
+// mass stays under top_p of the row), then one pass to write.
+enum class FilterMode : int32_t { kTopKRenorm = 0, kTopPRenorm = 1, kTopKMaskLogits = 2 };
+
+struct FilterParams {
+  int64_t batch, vocab;
+  const float* x;        // [batch, vocab]: probabilities (renorm) or logits (mask)
+  const int32_t* top_k;  // [batch]
+  const float* top_p;    // [batch]
+  FilterMode mode;
+  float* out;            // [batch, vocab]
 };
 
 }  // namespace jaxinfer
@@ -33,5 +48,6 @@ struct SamplingParams {
 #include <cuda_runtime_api.h>
 namespace jaxinfer {
 cudaError_t sampling_cuda(const SamplingParams& p, cudaStream_t stream);
+cudaError_t filter_cuda(const FilterParams& p, cudaStream_t stream);
 }  // namespace jaxinfer
 #endif

@@ -8,9 +8,9 @@ Filter parameters are a scalar for every row or an array with one value per
 row. A row with no drawable token (all probabilities 0, or all logits -inf)
 returns the token -1.
 
-Plain, top-k, top-p and min-p draws from probabilities (and from logits)
-have a sorting-free CUDA kernel (``csrc/sampling.h``: Gumbel-max draws and
-rejection with a rising pivot), chosen with ``implementation="ffi"``. It has
+Every draw and filter here has a sorting-free CUDA kernel (``csrc/sampling.h``:
+Gumbel-max draws, rejection with a rising pivot, radix select of
+thresholds), chosen with ``implementation="ffi"``. It has
 not run on a GPU yet, so ``implementation=None`` still means the jnp
 formulation of ``jaxinfer.reference`` (sort based) on every backend; the
 default moves to the kernel once the GPU tests pass. The two paths draw from
@@ -67,7 +67,8 @@ def _param(name, value, dims, dtype, low, high, low_open=False):
         raise ValueError(f"{name}: expected a value in {bound}{low}, {high}], got {concrete[bad].flat[0]}")
 
 
-PLAIN, TOP_K, TOP_P, MIN_P = range(4)  # csrc/sampling.h SamplingMode
+PLAIN, TOP_K, TOP_P, MIN_P, TOP_K_TOP_P = range(5)  # csrc/sampling.h SamplingMode
+TOP_K_RENORM, TOP_P_RENORM, TOP_K_MASK_LOGITS = range(3)  # csrc/sampling.h FilterMode
 
 
 def _use_kernel(implementation):
@@ -85,6 +86,16 @@ def _kernel(key, probs, mode, top_k=1, param=0.0):
     out = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return jax.ffi.ffi_call("jaxinfer_sample", out, vmap_method="sequential")(
         probs.astype(jnp.float32), seed, top_k, param, mode=np.int32(mode))
+
+
+def _filter(x, mode, top_k=1, top_p=1.0):
+    """The radix-select filter kernel: renormalised probabilities or masked logits (float32)."""
+    batch = x.shape[0]
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (batch,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (batch,))
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return jax.ffi.ffi_call("jaxinfer_filter", out, vmap_method="sequential")(
+        x.astype(jnp.float32), top_k, top_p, mode=np.int32(mode))
 
 
 def _draw(key, probs):
@@ -114,17 +125,21 @@ def sampling_from_logits(key, logits, temperature=1.0, *, implementation=None):
     return sampling_from_probs(key, softmax(logits, temperature), implementation=implementation)
 
 
-def top_k_renorm_probs(probs, top_k):
+def top_k_renorm_probs(probs, top_k, *, implementation=None):
     """Keeps each row's top_k largest probabilities (ties at the k-th kept), renormalised."""
     dims = _check_rows("probs", probs)
     _param("top_k", top_k, dims, jnp.int32, 1, np.iinfo(np.int32).max)
+    if _use_kernel(implementation):
+        return _filter(probs, TOP_K_RENORM, top_k=top_k)
     return reference.top_k_renorm_probs(probs, top_k)
 
 
-def top_p_renorm_probs(probs, top_p):
+def top_p_renorm_probs(probs, top_p, *, implementation=None):
     """Keeps the smallest set of largest probabilities whose mass reaches top_p, renormalised."""
     dims = _check_rows("probs", probs)
     _param("top_p", top_p, dims, jnp.float32, 0.0, 1.0, low_open=True)
+    if _use_kernel(implementation):
+        return _filter(probs, TOP_P_RENORM, top_p=top_p)
     return reference.top_p_renorm_probs(probs, top_p)
 
 
@@ -135,10 +150,12 @@ def min_p_renorm_probs(probs, min_p):
     return reference.min_p_renorm_probs(probs, min_p)
 
 
-def top_k_mask_logits(logits, top_k):
+def top_k_mask_logits(logits, top_k, *, implementation=None):
     """Sets every logit below the row's top_k-th largest to -inf (ties kept)."""
     dims = _check_rows("logits", logits)
     _param("top_k", top_k, dims, jnp.int32, 1, np.iinfo(np.int32).max)
+    if _use_kernel(implementation):
+        return _filter(logits, TOP_K_MASK_LOGITS, top_k=top_k).astype(logits.dtype)
     return reference.top_k_mask_logits(logits, top_k)
 
 
@@ -169,15 +186,22 @@ def min_p_sampling_from_probs(key, probs, min_p, *, implementation=None):
     return _draw(key, min_p_renorm_probs(probs, min_p))
 
 
-def top_k_top_p_sampling_from_probs(key, probs, top_k, top_p):
+def top_k_top_p_sampling_from_probs(key, probs, top_k, top_p, *, implementation=None):
     """Top-k filter, then top-p on the renormalised result, then one draw. int32 [B]."""
     _check_key(key)
+    if _use_kernel(implementation):
+        dims = _check_rows("probs", probs)
+        _param("top_k", top_k, dims, jnp.int32, 1, np.iinfo(np.int32).max)
+        _param("top_p", top_p, dims, jnp.float32, 0.0, 1.0, low_open=True)
+        return _kernel(key, probs, TOP_K_TOP_P, top_k=top_k, param=top_p)
     return _draw(key, top_p_renorm_probs(top_k_renorm_probs(probs, top_k), top_p))
 
 
-def top_k_top_p_sampling_from_logits(key, logits, top_k, top_p, temperature=1.0):
+def top_k_top_p_sampling_from_logits(key, logits, top_k, top_p, temperature=1.0, *,
+                                     implementation=None):
     """top_k_top_p_sampling_from_probs of softmax(logits / temperature). int32 [B]."""
-    return top_k_top_p_sampling_from_probs(key, softmax(logits, temperature), top_k, top_p)
+    return top_k_top_p_sampling_from_probs(key, softmax(logits, temperature), top_k, top_p,
+                                           implementation=implementation)
 
 
 def chain_speculative_sampling(key, draft_probs, draft_token_ids, target_probs):

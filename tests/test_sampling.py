@@ -66,7 +66,8 @@ def case_op_and_want(case, p, implementation=None):
     top = renormalised(p, p >= order[7])
     sorted_top = np.sort(top)[::-1]
     threshold = sorted_top[(np.cumsum(sorted_top) - sorted_top) < 0.5].min()
-    return (lambda key, x: sampling.top_k_top_p_sampling_from_probs(key, x, 8, 0.5)), renormalised(top, top >= threshold)
+    return ((lambda key, x: sampling.top_k_top_p_sampling_from_probs(key, x, 8, 0.5, **kw)),
+            renormalised(top, top >= threshold))
 
 
 @pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "min_p", "top_k_top_p"])
@@ -211,7 +212,7 @@ def test_speculative_sampling_emits_the_target_distribution():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "min_p"])
+@pytest.mark.parametrize("case", ["plain", "top_k", "top_p", "min_p", "top_k_top_p"])
 def test_gpu_kernel_matches_the_renormalised_distribution(case):
     p = row()
     op, want = case_op_and_want(case, p, implementation="ffi")
@@ -238,6 +239,27 @@ def test_gpu_kernel_edge_cases():
         assert np.all(rank < np.asarray(per_row))
     empty = jnp.zeros((3, 5)).at[1, 2].set(1.0).at[2, 4].set(jnp.nan)
     np.testing.assert_array_equal(np.asarray(sampling.sampling_from_probs(key, empty, **ffi)), [-1, 2, -1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,vocab", [(64, 1000), (3, 128256), (1, 37)])
+def test_gpu_filters_match_the_reference(batch, vocab):
+    probs = jnp.asarray(RNG.random((batch, vocab)) ** 6, jnp.float32)
+    probs = probs / probs.sum(-1, keepdims=True)
+    logits = jnp.log(probs)
+    ffi = dict(implementation="ffi")
+    per_row = jnp.asarray(RNG.integers(1, 60, batch), jnp.int32)
+    for k in (1, 50, per_row, 10**6):
+        np.testing.assert_allclose(sampling.top_k_renorm_probs(probs, k, **ffi),
+                                   reference.top_k_renorm_probs(probs, k), rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(sampling.top_k_mask_logits(logits, k, **ffi),
+                                      reference.top_k_mask_logits(logits, k))
+    for top_p in (0.05, 0.5, 0.95, 1.0):
+        got = np.asarray(sampling.top_p_renorm_probs(probs, top_p, **ffi))
+        want = np.asarray(reference.top_p_renorm_probs(probs, top_p))
+        # Sums in another order may move a boundary token whose mass ties top_p to float precision.
+        assert np.mean((got > 0) != (want > 0)) < 1e-3
+        np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-4)
 
 
 @pytest.mark.gpu
