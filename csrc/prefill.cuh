@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
 
   // Position of packed row r (of the tile) and the tile's key range.
   auto q_pos_of = [&](int r) { return kv_len - q_len + (row_begin + r) / group; };
-  const int kv_lo = max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]);
+  const int kv_lo = max(max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]), 0);
   const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
   const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kTileKeys - 1) / kTileKeys : 0;
 
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
   __shared__ int64_t s_row[kRowSlots][kTileKeys];
   auto row_offset = [&](int tile) -> int64_t {  // key row tid of `tile`
     const int pos = kv_lo + tile * kTileKeys + tid;
-    if (tile >= num_tiles || pos >= kv_hi) return -1;
+    if (tile >= num_tiles || pos < 0 || pos >= kv_hi) return -1;  // pos < 0: int overflow (corrupt plan)
     const int page_in_request = pos / p.page_size;
     const int64_t entry = kv_begin + page_in_request;
     if (entry >= kv_end) return -1;
