@@ -30,17 +30,19 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
-# Bad device data must never be read out of bounds: memcheck over the decode
+# Bad device data must never be read out of bounds: memcheck over the decode and prefill
 # kernels fed corrupt tables (a standalone program: JAX does not start under
 # the sanitizer).
 if [ -z "${SKIP_SANITIZER:-}" ]; then
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
-    --expt-relaxed-constexpr tests/cuda/decode_bounds.cu csrc/decode.cu csrc/decode_inst/*.cu \
-    -o /tmp/decode_bounds > "$OUT/sanitizer.log" 2>&1 &&
-  compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/decode_bounds >> "$OUT/sanitizer.log" 2>&1
-  sanitizer_status=$?
-  echo "compute-sanitizer memcheck (decode, corrupt tables): exit $sanitizer_status"
-  [ "$sanitizer_status" = 0 ] || tail -30 "$OUT/sanitizer.log"
+  for family in decode prefill; do
+    nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
+      --expt-relaxed-constexpr tests/cuda/${family}_bounds.cu csrc/$family.cu csrc/${family}_inst/*.cu \
+      -o /tmp/${family}_bounds > "$OUT/sanitizer_$family.log" 2>&1 &&
+    compute-sanitizer --tool memcheck --error-exitcode 1 /tmp/${family}_bounds >> "$OUT/sanitizer_$family.log" 2>&1
+    sanitizer_status=$?
+    echo "compute-sanitizer memcheck ($family, corrupt tables): exit $sanitizer_status"
+    [ "$sanitizer_status" = 0 ] || tail -30 "$OUT/sanitizer_$family.log"
+  done
 fi
 
 for b in ${BENCH:-merge decode prefill cascade sampling}; do

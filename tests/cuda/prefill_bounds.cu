@@ -1,0 +1,74 @@
+// Standalone check, run under compute-sanitizer memcheck by scripts/gpu_check.sh
+// (JAX itself does not start under the sanitizer): the prefill kernel given a
+// corrupt plan must not touch memory outside the exactly-sized buffers it is
+// handed, paged or ragged, with or without KV splits.
+#include <cuda_bf16.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "csrc/prefill.h"
+
+#define CHECK(x)                                                              \
+  do {                                                                        \
+    cudaError_t e = (x);                                                      \
+    if (e != cudaSuccess) {                                                   \
+      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      return 1;                                                               \
+    }                                                                         \
+  } while (0)
+
+template <typename T>
+T* upload(const std::vector<T>& host) {
+  T* dev = nullptr;
+  cudaMalloc(&dev, host.size() * sizeof(T));
+  cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return dev;
+}
+
+int main() {
+  const int total_q = 5, heads = 4, kv_heads = 2, dim = 128, page = 8, pages = 6;
+  std::vector<__nv_bfloat16> q(total_q * heads * dim, __float2bfloat16(0.5f));
+  std::vector<__nv_bfloat16> kv(size_t(pages) * page * kv_heads * dim, __float2bfloat16(0.25f));
+  const int big = 1 << 30;
+  // request, q_begin, q_len, row_begin, kv_len, kv_begin, kv_end, mask_begin, split, split_begin, split_end
+  const std::vector<int> items = {
+      0, 0, 1000, 0, 100000, 0, 1000000, -5, 0, -100, big,    // q and keys past the buffers
+      1, -3, 2, -64, 70, -9, 4, 0, 7, 0, 70,                  // negative offsets, split past the count
+      2, 4, 3, 64, 10, 2, 3, 1 << 29, -1, 64, 0,              // rows past q_len, empty split
+      -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,                       // padding
+      3, 2, 3, 0, 2147483000, 0, 6, 0, 1, 2147482000, 2147483647,  // positions near INT_MAX
+  };
+  for (int splits : {1, 2}) {
+    for (bool paged : {true, false}) {
+      jaxinfer::PrefillParams p{};
+      p.dtype = jaxinfer::DType::kBFloat16;
+      p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
+      p.num_items = static_cast<int>(items.size() / jaxinfer::kPfItemFields);
+      p.total_q = total_q;
+      p.q = upload(q), p.k = upload(kv), p.v = upload(kv);
+      p.items = upload(items);
+      std::vector<unsigned char> mask(13, 1);
+      p.custom_mask = upload(mask), p.mask_len = 13;
+      if (paged) {
+        p.page_size = page, p.num_pages = pages;
+        p.stride_page = page * kv_heads * dim, p.stride_slot = kv_heads * dim, p.stride_head = dim;
+        p.kv_indices = upload(std::vector<int>{3, 99, -1, 5, 6}), p.num_kv_indices = 5;
+      } else {
+        p.page_size = 1, p.num_pages = pages * page;  // rows of a ragged k, v
+        p.stride_page = kv_heads * dim, p.stride_slot = 0, p.stride_head = dim;
+      }
+      cudaMalloc(&p.o, size_t(total_q) * heads * dim * sizeof(__nv_bfloat16));
+      cudaMalloc(&p.lse, size_t(total_q) * heads * sizeof(float));
+      p.num_splits = splits;
+      if (splits > 1) {
+        cudaMalloc(&p.partial_o, size_t(total_q) * splits * heads * dim * sizeof(float));
+        cudaMalloc(&p.partial_lse, size_t(total_q) * splits * heads * sizeof(float));
+      }
+      CHECK(jaxinfer::prefill_cuda(p, nullptr));
+      CHECK(cudaDeviceSynchronize());
+    }
+  }
+  std::printf("prefill_bounds: ok\n");
+  return 0;
+}
