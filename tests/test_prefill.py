@@ -79,34 +79,38 @@ def _reference_one(paged, layout, options_key):
 
 
 def reference_rows(case, **options):
-    """The jnp reference one request at a time, its queries, keys (or pages) and mask
-    padded to powers of two so that a handful of compilations serve every length
+    """The jnp reference one request at a time, every request's queries, keys (or pages)
+    and mask padded to one power-of-two size, so that one compilation serves the batch
     (rows past the batch: zeros, -inf)."""
     q, qo = case["q"], case["qo_indptr"]
     key = tuple(sorted((k, tuple(v) if isinstance(v, np.ndarray) else v) for k, v in options.items()))
     fn = _reference_one(case["paged"], case["layout"], key)
+    q_lens = np.diff(qo)
+    kv_lens = np.asarray(case["kv_lens"])
+    ip = case["kv_indptr"]
+    q_size = _bucket(q_lens.max(initial=1))
+    kv_size = _bucket(np.diff(ip).max(initial=1))  # pages (paged) or key rows (ragged)
+    mask_size = _bucket((q_lens * kv_lens).max(initial=1))
     outs, lses = [], []
     mask_at = 0
     for b in range(len(qo) - 1):
-        q_len, kv_len = int(qo[b + 1] - qo[b]), int(case["kv_lens"][b])
-        qb = jnp.zeros((_bucket(q_len), *q.shape[1:]), q.dtype).at[:q_len].set(q[qo[b]:qo[b + 1]])
+        q_len, kv_len = int(q_lens[b]), int(kv_lens[b])
+        qb = jnp.zeros((q_size, *q.shape[1:]), q.dtype).at[:q_len].set(q[qo[b]:qo[b + 1]])
         extra = {}
         if "mask" in case:
-            mask = np.zeros(_bucket(q_len * kv_len), bool)
+            mask = np.zeros(mask_size, bool)
             mask[:q_len * kv_len] = case["mask"][mask_at:mask_at + q_len * kv_len]
             extra["custom_mask"] = jnp.asarray(mask)
             mask_at += q_len * kv_len
-        ip = case["kv_indptr"]
         if case["paged"]:
             pages = case["kv_indices"][ip[b]:ip[b + 1]]
-            padded = np.zeros(_bucket(len(pages)), np.int32)
+            padded = np.zeros(kv_size, np.int32)
             padded[:len(pages)] = pages
             o, lse = fn(qb, case["cache"], np.array([0, q_len], np.int32),
                         np.array([0, len(pages)], np.int32), padded, case["last"][b:b + 1], **extra)
         else:
-            rows = _bucket(kv_len)
-            kb = jnp.zeros((rows, *case["k"].shape[1:]), q.dtype).at[:kv_len].set(case["k"][ip[b]:ip[b + 1]])
-            vb = jnp.zeros((rows, *case["v"].shape[1:]), q.dtype).at[:kv_len].set(case["v"][ip[b]:ip[b + 1]])
+            kb = jnp.zeros((kv_size, *case["k"].shape[1:]), q.dtype).at[:kv_len].set(case["k"][ip[b]:ip[b + 1]])
+            vb = jnp.zeros((kv_size, *case["v"].shape[1:]), q.dtype).at[:kv_len].set(case["v"][ip[b]:ip[b + 1]])
             o, lse = fn(qb, kb, vb, np.array([0, q_len], np.int32), np.array([0, kv_len], np.int32),
                         **extra)
         outs.append(o[:q_len])
