@@ -376,7 +376,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
       if (p.num_ctas > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
       // A request has at most one item per CTA slot it touches.
       launch_merge(PlanStates::of(p, kHeadDim), static_cast<T*>(p.o), p.lse,
-                   int64_t(p.batch) * p.num_qo_heads, kHeadDim, p.num_ctas, stream);
+                   int64_t(p.batch) * p.num_qo_heads, kHeadDim, p.num_ctas, stream,
+                   /*after_writer=*/p.num_ctas > 0);
       return cudaGetLastError();
     }
   });

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "csrc/vec.cuh"
@@ -26,6 +27,12 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   // group g takes states g, g + groups, ...: with few rows and many states (a
   // split-KV decode at small batch) the groups put every state's loads in
   // flight at once instead of a chain of memory latencies per thread.
+  // Launched as a programmatic dependent of the kernel that wrote the states
+  // (see launch_merge), this CTA may start before that kernel ends; wait for
+  // its completion and its writes. Without such a launch this returns at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int threads_per_row = static_cast<int>(dim / kVec);
   const int groups = blockDim.y, group = threadIdx.y;
   const int rows_per_block = blockDim.x / threads_per_row;
@@ -89,13 +96,26 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   if (col == 0) s_out[row] = sum > 0.f ? m + log2f(sum) : -INFINITY;
 }
 
+// Programmatic dependent launch (sm90+) of the merge after the kernel that
+// writes its states, so the merge's launch and scheduling overlap that
+// kernel's tail: opt-in through the environment (JAXINFER_PDL=1) while its
+// effect and its capture into command buffers are measured.
+inline bool programmatic_merge() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAXINFER_PDL");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
 // Launches merge_kernel over `rows` rows of `dim` elements, each merging at
 // most `max_states` states (a static bound: it sizes the launch, never the
 // work). dim must be at most 1024, or a multiple of the 16-byte vector width
-// of States::Elem.
+// of States::Elem. after_writer: the states come from the kernel launched
+// just before on `stream` (a programmatic dependent launch when enabled).
 template <typename Out, typename States>
 void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, int64_t dim,
-                  int64_t max_states, cudaStream_t stream) {
+                  int64_t max_states, cudaStream_t stream, bool after_writer = false) {
   if (rows == 0 || dim == 0) return;
   auto go = [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
@@ -113,8 +133,19 @@ void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, 
     const int rows_per_block = row_threads / threads_per_row;
     const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
     const size_t smem = groups > 1 ? (2 * groups * rows_per_block + groups * row_threads * kVec) * sizeof(float) : 0;
-    merge_kernel<Out, kVec><<<blocks, dim3(row_threads, groups), smem, stream>>>(states, v_out, s_out,
-                                                                                  rows, dim);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(blocks));
+    config.blockDim = dim3(row_threads, groups);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    if (after_writer && programmatic_merge()) {
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+    }
+    cudaLaunchKernelEx(&config, merge_kernel<Out, kVec, States>, states, v_out, s_out, rows, dim);
   };
   constexpr int kWide = 16 / sizeof(typename States::Elem);
   if (dim % kWide == 0 && dim / kWide <= 1024) {

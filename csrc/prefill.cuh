@@ -294,7 +294,7 @@ cudaError_t launch_prefill(const PrefillParams& p, cudaStream_t stream) {
       if (p.partial_o != nullptr) {
         launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, kHeadDim},
                      static_cast<T*>(p.o), p.lse, p.total_q * p.num_qo_heads, kHeadDim, p.num_splits,
-                     stream);
+                     stream, /*after_writer=*/p.num_items > 0);
       }
       return cudaGetLastError();
     }
