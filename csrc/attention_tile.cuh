@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "csrc/attention_variant.cuh"
+#include "csrc/mma.cuh"
 #include "csrc/vec.cuh"
 
 namespace jaxinfer {
@@ -15,6 +16,27 @@ namespace jaxinfer {
 template <int D>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Issues the cp.async copies of one K/V tile of kRows keys into the swizzled
+// tiles s_k and s_v: key row r starts at element offset rows[r] of k_base and
+// v_base, -1 for no key (zero-filled, nothing read). kThreads threads share
+// the 16-byte chunks.
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, const T* v_base,
+                                             const int64_t* rows) {
+  constexpr int kChunks = D / 8;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  const int chunk = threadIdx.x % kChunks;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int row = threadIdx.x / kChunks + pass * kRowsPerPass;
+    const int64_t offset = rows[row];
+    const bool ok = offset >= 0;
+    const int dst = swizzle<D>(row, chunk);
+    cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
+    cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
+  }
 }
 
 // RoPE over a [kRows][D] swizzled key tile in place, row r at position

@@ -157,18 +157,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   // Issues the cp.async of tile `tile` into its stage; missing keys are zero-filled.
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);
-    T* s_v = s_k + Cfg::kTileElems;
-    const int chunk = tid % kChunks;
-    constexpr int kRowsPerPass = kThreads / kChunks;
-#pragma unroll
-    for (int pass = 0; pass < kTileKeys / kRowsPerPass; ++pass) {
-      const int row = tid / kChunks + pass * kRowsPerPass;
-      const int64_t offset = s_row[tile % kRowSlots][row];
-      const bool ok = offset >= 0;
-      const int dst = swizzle<D>(row, chunk);
-      cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
-      cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
-    }
+    load_kv_tile<T, D, kTileKeys, kThreads>(s_k, s_k + Cfg::kTileElems, k_base, v_base, s_row[tile % kRowSlots]);
   };
 
   // Prologue: rows of the first kStages tiles, then the first kStages - 1 loads.

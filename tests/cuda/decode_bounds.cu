@@ -7,27 +7,8 @@
 //        csrc/decode_inst/decode_hd64.cu csrc/decode_inst/decode_hd256.cu -o /tmp/decode_bounds
 #include <cuda_bf16.h>
 
-#include <cstdio>
-#include <vector>
-
 #include "csrc/decode.h"
-
-#define CHECK(x)                                                              \
-  do {                                                                        \
-    cudaError_t e = (x);                                                      \
-    if (e != cudaSuccess) {                                                   \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      return 1;                                                               \
-    }                                                                         \
-  } while (0)
-
-template <typename T>
-T* upload(const std::vector<T>& host) {
-  T* dev = nullptr;
-  cudaMalloc(&dev, host.size() * sizeof(T));
-  cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return dev;
-}
+#include "tests/cuda/check.h"
 
 int main() {
   const int batch = 3, heads = 8, kv_heads = 2, dim = 128, page = 8, pages = 16, items = 6;

@@ -4,27 +4,8 @@
 // handed, paged or ragged, with or without KV splits.
 #include <cuda_bf16.h>
 
-#include <cstdio>
-#include <vector>
-
 #include "csrc/prefill.h"
-
-#define CHECK(x)                                                              \
-  do {                                                                        \
-    cudaError_t e = (x);                                                      \
-    if (e != cudaSuccess) {                                                   \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      return 1;                                                               \
-    }                                                                         \
-  } while (0)
-
-template <typename T>
-T* upload(const std::vector<T>& host) {
-  T* dev = nullptr;
-  cudaMalloc(&dev, host.size() * sizeof(T));
-  cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return dev;
-}
+#include "tests/cuda/check.h"
 
 int main() {
   const int total_q = 5, heads = 4, kv_heads = 2, dim = 128, page = 8, pages = 6;
