@@ -2,6 +2,8 @@
 // swizzled shared-memory tile layout, RoPE on a key tile, and the online
 // softmax on mma.sync m16n8 C fragments.
 #pragma once
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 
 #include "csrc/attention_variant.cuh"
@@ -91,6 +93,19 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], floa
     o[dt][2] *= scale[1];
     o[dt][3] *= scale[1];
   }
+}
+
+// Large dynamic shared memory needs a one-time opt-in per kernel and device.
+// It is not a stream operation, so it is legal during graph capture too.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  static bool opted_in[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (opted_in[device & 63]) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  opted_in[device & 63] = e == cudaSuccess;
+  return e;
 }
 
 }  // namespace jaxinfer

@@ -348,18 +348,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core path: 16-bit inputs only
     } else {
-      auto kernel = decode_kernel<T, kHeadDim>;
+      constexpr auto kernel = decode_kernel<T, kHeadDim>;
       constexpr size_t smem = Config<kHeadDim>::kSmem;
-      // Large dynamic shared memory needs a one-time opt-in per device. It is
-      // not a stream operation, so it is legal during graph capture too.
-      static bool opted_in[64] = {};
-      int device = 0;
-      cudaGetDevice(&device);
-      if (!opted_in[device & 63]) {
-        if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem))
-          return e;
-        opted_in[device & 63] = true;
-      }
+      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
       const int group = p.num_qo_heads / p.num_kv_heads;
       const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_ctas);
       if (p.num_ctas > 0) kernel<<<grid, kThreads, smem, stream>>>(p);

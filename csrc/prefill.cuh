@@ -269,16 +269,9 @@ cudaError_t launch_prefill(const PrefillParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core path: 16-bit inputs only
     } else {
-      auto kernel = prefill_kernel<T, kHeadDim>;
+      constexpr auto kernel = prefill_kernel<T, kHeadDim>;
       constexpr size_t smem = Config<kHeadDim>::kSmem;
-      static bool opted_in[64] = {};  // one-time, not a stream operation: legal under capture
-      int device = 0;
-      cudaGetDevice(&device);
-      if (!opted_in[device & 63]) {
-        if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem))
-          return e;
-        opted_in[device & 63] = true;
-      }
+      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
       if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), kThreads, smem, stream>>>(p);
       if (p.partial_o != nullptr) {
         launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, kHeadDim},
