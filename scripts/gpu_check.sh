@@ -8,7 +8,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
 #   device run: command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600
-# Optional: PYTEST_ARGS="-k decode" BENCH="decode" to narrow the run.
+# Optional, to narrow the run: PYTEST_K="prefill or cascade" (a pytest -k expression),
+# PYTEST_ARGS (more pytest arguments, no spaces inside one), BENCH="decode" (benchmarks
+# to run; " " for none), SKIP_SANITIZER=1.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxinfer-out}
 mkdir -p "$OUT"
@@ -26,7 +28,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, jaxinfer._ffi as f; print('jax', jax.__version__, jax.devices(), f.family_platforms('merge'))"
 
 # Every test but the reference's own (CPU semantics, covered by CI) runs on the GPU.
-XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests/test_reference.py ${PYTEST_ARGS:-} 2>&1 \
+pytest_filter=()
+[ -n "${PYTEST_K:-}" ] && pytest_filter=(-k "$PYTEST_K")
+XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests/test_reference.py \
+  "${pytest_filter[@]}" ${PYTEST_ARGS:-} 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
