@@ -31,7 +31,7 @@ python3 -c "import jax, jaxinfer._ffi as f; print('jax', jax.__version__, jax.de
 pytest_filter=()
 [ -n "${PYTEST_K:-}" ] && pytest_filter=(-k "$PYTEST_K")
 XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests/test_reference.py \
-  "${pytest_filter[@]}" ${PYTEST_ARGS:-} 2>&1 \
+  ${pytest_filter[@]+"${pytest_filter[@]}"} ${PYTEST_ARGS:-} 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
