@@ -93,7 +93,7 @@ struct TileCursor {
     const int kv_len = f[kItemKvLen];
     q_pos = kv_len - 1;
     page_begin = max(int64_t(f[kItemPageBegin]), int64_t(0));
-    page_end = min(int64_t(f[kItemPageEnd]), p.num_kv_indices);
+    page_end = min(int64_t(f[kItemPageEnd]), p.kv.num_entries());
     kv_begin = max(max(f[kItemKvStart], p.variant.first_visible(q_pos)), 0);
     kv_end = min(f[kItemKvEnd], kv_len);
     if (kv_begin < kv_end) num_tiles = (kv_end - kv_begin + kTileKeys - 1) / kTileKeys;
@@ -132,8 +132,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const int rows = min(kRows, kv_head * group + group - head0);
   const AttentionVariant& var = p.variant;
 
-  const T* k_base = static_cast<const T*>(p.k) + kv_head * p.stride_head;
-  const T* v_base = static_cast<const T*>(p.v) + kv_head * p.stride_head;
+  const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
+  const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
 
   // Element offset (page * stride_page + slot * stride_slot) of each key row,
   // resolved kStages tiles ahead of its compute by one thread per row, so the
@@ -146,12 +146,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   __shared__ int64_t s_row[kRowSlots][kTileKeys];
   auto row_offset = [&](const TileCursor& c) -> int64_t {  // key row tid of c's tile (tid < kTileKeys)
     const int pos = c.first_key() + tid;
-    const int page_in_request = pos / p.page_size;
-    const int64_t entry = c.page_begin + page_in_request;
-    if (c.done() || c.request < 0 || pos < 0 || pos >= c.kv_end || entry >= c.page_end) return -1;
-    const int64_t page = p.kv_indices[entry];
-    if (page < 0 || page >= p.num_pages) return -1;
-    return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
+    if (c.done() || c.request < 0 || pos >= c.kv_end) return -1;
+    return p.kv.row_offset(c.page_begin, c.page_end, pos);
   };
 
   // Issues the cp.async of tile `tile` into its stage; missing keys are zero-filled.

@@ -12,6 +12,7 @@
 
 #include "csrc/attention_variant.cuh"
 #include "csrc/dtype.h"
+#include "csrc/kv_cache.h"
 
 namespace jaxinfer {
 
@@ -24,20 +25,13 @@ enum ItemField { kItemRequest, kItemKvStart, kItemKvEnd, kItemKvLen, kItemPageBe
 struct DecodeParams {
   DType dtype;  // of q, the caches and o
   int batch;    // static capacity (rows of q)
-  int num_qo_heads, num_kv_heads, head_dim, page_size;
+  int num_qo_heads, num_kv_heads, head_dim;
   int num_items;  // static capacity of the work items
   int num_ctas;   // CTA slots (per KV head and head tile)
-  int64_t num_pages;       // pages in the cache (page indices outside [0, num_pages) are skipped)
-  int64_t num_kv_indices;  // length of kv_indices
 
   const void* q;  // [batch, num_qo_heads, head_dim]
-  // Key (value) element (page, slot, head, d) sits at
-  // k (v) + page * stride_page + slot * stride_slot + head * stride_head + d.
-  const void* k;
-  const void* v;
-  int64_t stride_page, stride_slot, stride_head;
+  KvCache kv;     // paged
 
-  const int32_t* kv_indices;    // [num_kv_indices]
   const int32_t* items;         // [num_items, kItemFields]; request -1 = padding
   const int32_t* cta_items;     // [num_ctas + 1]: slot c runs items cta_items[c]..[c+1]
   const int32_t* merge_indptr;  // [batch + 1]: items of request b are merge_indptr[b]..[b+1]

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
   const int row_begin = max(f[kPfRowBegin], 0);
   const int kv_len = max(f[kPfKvLen], 0);
   const int64_t kv_begin = max(int64_t(f[kPfKvBegin]), int64_t(0));
-  const int64_t kv_end = min(int64_t(f[kPfKvEnd]), p.kv_indices ? p.num_kv_indices : p.num_pages);
+  const int64_t kv_end = min(int64_t(f[kPfKvEnd]), p.kv.num_entries());
   const int64_t mask_begin = f[kPfMaskBegin];
   const int rows_total = static_cast<int>(min(int64_t(q_len) * group, int64_t(INT32_MAX)));
   const int rows = max(min(kRows, rows_total - row_begin), 0);  // valid rows of this tile
@@ -76,18 +76,13 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
   const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
   const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kTileKeys - 1) / kTileKeys : 0;
 
-  const T* k_base = static_cast<const T*>(p.k) + kv_head * p.stride_head;
-  const T* v_base = static_cast<const T*>(p.v) + kv_head * p.stride_head;
+  const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
+  const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
   __shared__ int64_t s_row[kRowSlots][kTileKeys];
   auto row_offset = [&](int tile) -> int64_t {  // key row tid of `tile`
-    const int pos = kv_lo + tile * kTileKeys + tid;
-    if (tile >= num_tiles || pos < 0 || pos >= kv_hi) return -1;  // pos < 0: int overflow (corrupt plan)
-    const int page_in_request = pos / p.page_size;
-    const int64_t entry = kv_begin + page_in_request;
-    if (entry >= kv_end) return -1;
-    const int64_t page = p.kv_indices ? int64_t(p.kv_indices[entry]) : entry;
-    if (page < 0 || page >= p.num_pages) return -1;
-    return page * p.stride_page + int64_t(pos - page_in_request * p.page_size) * p.stride_slot;
+    const int pos = kv_lo + tile * kTileKeys + tid;  // negative only on int overflow (a corrupt plan)
+    if (tile >= num_tiles || pos >= kv_hi) return -1;
+    return p.kv.row_offset(kv_begin, kv_end, pos);
   };
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);

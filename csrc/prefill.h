@@ -12,6 +12,7 @@
 
 #include "csrc/attention_variant.cuh"
 #include "csrc/dtype.h"
+#include "csrc/kv_cache.h"
 
 namespace jaxinfer {
 
@@ -32,19 +33,11 @@ enum PrefillItemField {
 struct PrefillParams {
   DType dtype;
   int num_qo_heads, num_kv_heads, head_dim;
-  int page_size;    // 1 for a ragged cache
   int num_items;    // static item capacity
   int64_t total_q;  // rows of q and o
-  int64_t num_pages;       // pages in the cache (ragged: rows of k and v)
-  int64_t num_kv_indices;  // length of kv_indices (unused when ragged)
 
   const void* q;  // [total_q, num_qo_heads, head_dim]
-  // Key (value) element (page, slot, head, d) sits at
-  // k (v) + page * stride_page + slot * stride_slot + head * stride_head + d.
-  const void* k;
-  const void* v;
-  int64_t stride_page, stride_slot, stride_head;
-  const int32_t* kv_indices;  // nullptr: ragged (the item's kv range names rows of k, v)
+  KvCache kv;     // paged or ragged (the item's kv range then names rows of k, v)
   const int32_t* items;       // [num_items, kPfItemFields]; request < 0 = padding
   const uint8_t* custom_mask;  // flattened per request [q_len, kv_len] row major, or nullptr
   int64_t mask_len;

@@ -10,6 +10,7 @@
 
 #include "csrc/attention_variant.cuh"
 #include "csrc/dtype.h"
+#include "csrc/kv_cache.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxinfer::ffi_util {
@@ -37,14 +38,11 @@ inline ffi::Error invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("jaxinfer: " + what);
 }
 
-// A paged K/V cache as the attention kernels address it: element (page, slot,
-// head, d) of K (V) sits at k (v) + page * stride_page + slot * stride_slot +
-// head * stride_head + d.
+// A paged K/V cache's addressing (csrc/kv_cache.h; the caller adds the page
+// table) and its head count and head dim.
 struct PagedCache {
-  const void* k;
-  const void* v;
-  int64_t pages, page_size, num_kv_heads, head_dim;
-  int64_t stride_page, stride_slot, stride_head;
+  KvCache kv;
+  int64_t num_kv_heads, head_dim;
 };
 
 // k, v: [pages, page_size, Hkv, D] (kv_layout 0, "NHD") or [pages, Hkv,
@@ -57,16 +55,17 @@ inline std::optional<PagedCache> paged_cache(ffi::AnyBuffer k, ffi::AnyBuffer v,
   // Page-relative dims, dropping the combined cache's K/V axis.
   const int64_t a = kd[combined ? 2 : 1], b = kd[combined ? 3 : 2], head_dim = kd[combined ? 4 : 3];
   const bool nhd = kv_layout == 0;
+  const int64_t pages = kd[0], page_size = nhd ? a : b, num_kv_heads = nhd ? b : a;
   PagedCache c{};
-  c.pages = kd[0];
-  c.page_size = nhd ? a : b;
-  c.num_kv_heads = nhd ? b : a;
+  c.num_kv_heads = num_kv_heads;
   c.head_dim = head_dim;
-  c.k = k.untyped_data();
-  c.v = combined ? static_cast<const char*>(c.k) + k.size_bytes() / c.pages / 2 : v.untyped_data();
-  c.stride_page = (combined ? 2 : 1) * c.page_size * c.num_kv_heads * head_dim;
-  c.stride_slot = nhd ? c.num_kv_heads * head_dim : head_dim;
-  c.stride_head = nhd ? head_dim : c.page_size * head_dim;
+  c.kv.k = k.untyped_data();
+  c.kv.v = combined ? static_cast<const char*>(c.kv.k) + k.size_bytes() / pages / 2 : v.untyped_data();
+  c.kv.stride_page = (combined ? 2 : 1) * page_size * num_kv_heads * head_dim;
+  c.kv.stride_slot = nhd ? num_kv_heads * head_dim : head_dim;
+  c.kv.stride_head = nhd ? head_dim : page_size * head_dim;
+  c.kv.page_size = static_cast<int>(page_size);
+  c.kv.num_pages = pages;
   return c;
 }
 

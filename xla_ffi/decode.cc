@@ -40,11 +40,8 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.num_qo_heads = static_cast<int>(qd[1]);
   p.num_kv_heads = static_cast<int>(cache->num_kv_heads);
   p.head_dim = static_cast<int>(cache->head_dim);
-  p.page_size = static_cast<int>(cache->page_size);
   p.num_items = static_cast<int>(items.element_count() / kItemFields);
   p.num_ctas = static_cast<int>(cta_items.element_count()) - 1;
-  p.num_pages = cache->pages;
-  p.num_kv_indices = kv_indices.element_count();
   if (items.dimensions().size() != 2 || items.dimensions()[1] != kItemFields || p.num_ctas < 0) {
     return invalid("decode: plan.items must be [work_items, 6] and plan.cta_items non-empty");
   }
@@ -53,12 +50,9 @@ ffi::Error decode_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return invalid("decode: q and cache head dims disagree, or num_qo_heads % num_kv_heads != 0");
   }
   p.q = q.untyped_data();
-  p.k = cache->k;
-  p.v = cache->v;
-  p.stride_page = cache->stride_page;
-  p.stride_slot = cache->stride_slot;
-  p.stride_head = cache->stride_head;
-  p.kv_indices = kv_indices.typed_data();
+  p.kv = cache->kv;
+  p.kv.kv_indices = kv_indices.typed_data();
+  p.kv.num_kv_indices = kv_indices.element_count();
   p.items = items.typed_data();
   p.cta_items = cta_items.typed_data();
   p.merge_indptr = merge_indptr.typed_data();

@@ -45,31 +45,19 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   p.head_dim = static_cast<int>(qd[2]);
   p.num_items = static_cast<int>(items.dimensions()[0]);
   p.q = q.untyped_data();
-  p.k = k_cache.untyped_data();
-  p.v = v_cache.untyped_data();
   p.items = items.typed_data();
-  if (ragged) {
-    p.num_kv_heads = static_cast<int>(kd[1]);
-    p.page_size = 1;
-    p.num_pages = kd[0];
-    p.stride_page = kd[1] * kd[2];
-    p.stride_slot = 0;
-    p.stride_head = kd[2];
-    p.kv_indices = nullptr;
+  if (ragged) {  // rows of k and v are pages of one slot, named directly by the items
     if (kd[2] != qd[2]) return invalid("prefill: q and k head dims disagree");
+    p.num_kv_heads = static_cast<int>(kd[1]);
+    p.kv = KvCache{k_cache.untyped_data(), v_cache.untyped_data(), kd[1] * kd[2], 0, kd[2], 1, kd[0],
+                   nullptr, 0};
   } else {
     const auto cache = ffi_util::paged_cache(k_cache, v_cache, kv_layout);
     if (!cache || cache->head_dim != qd[2]) return invalid("prefill: empty cache or head dims disagree");
     p.num_kv_heads = static_cast<int>(cache->num_kv_heads);
-    p.page_size = static_cast<int>(cache->page_size);
-    p.num_pages = cache->pages;
-    p.k = cache->k;
-    p.v = cache->v;
-    p.stride_page = cache->stride_page;
-    p.stride_slot = cache->stride_slot;
-    p.stride_head = cache->stride_head;
-    p.kv_indices = kv_indices.typed_data();
-    p.num_kv_indices = kv_indices.element_count();
+    p.kv = cache->kv;
+    p.kv.kv_indices = kv_indices.typed_data();
+    p.kv.num_kv_indices = kv_indices.element_count();
   }
   if (p.num_kv_heads == 0 || p.num_qo_heads % p.num_kv_heads != 0) {
     return invalid("prefill: num_qo_heads must be a multiple of num_kv_heads");

@@ -17,13 +17,14 @@ int main() {
   jaxinfer::DecodeParams p{};
   p.dtype = jaxinfer::DType::kBFloat16;
   p.batch = batch, p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
-  p.page_size = page, p.num_items = items, p.num_ctas = 4, p.num_pages = pages, p.num_kv_indices = 5;
-  p.q = upload(q), p.k = upload(kv), p.v = upload(kv);
-  p.stride_page = page * kv_heads * dim, p.stride_slot = kv_heads * dim, p.stride_head = dim;
+  p.num_items = items, p.num_ctas = 4;
+  p.q = upload(q), p.kv.k = upload(kv), p.kv.v = upload(kv);
+  p.kv.page_size = page, p.kv.num_pages = pages, p.kv.num_kv_indices = 5;
+  p.kv.stride_page = page * kv_heads * dim, p.kv.stride_slot = kv_heads * dim, p.kv.stride_head = dim;
   // Corrupt tables: page ids out of range; items naming absent requests, page
   // ranges outside kv_indices, lengths past the pages and endless key ranges;
   // CTA slots overlapping and outside the items.
-  p.kv_indices = upload(std::vector<int>{3, 99, -1, 15, 16});
+  p.kv.kv_indices = upload(std::vector<int>{3, 99, -1, 15, 16});
   const int big = 1 << 30;
   p.items = upload(std::vector<int>{
       // request, kv_start, kv_end, kv_len, page_begin, page_end

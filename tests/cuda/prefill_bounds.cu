@@ -27,17 +27,17 @@ int main() {
       p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
       p.num_items = static_cast<int>(items.size() / jaxinfer::kPfItemFields);
       p.total_q = total_q;
-      p.q = upload(q), p.k = upload(kv), p.v = upload(kv);
+      p.q = upload(q), p.kv.k = upload(kv), p.kv.v = upload(kv);
       p.items = upload(items);
       std::vector<unsigned char> mask(13, 1);
       p.custom_mask = upload(mask), p.mask_len = 13;
       if (paged) {
-        p.page_size = page, p.num_pages = pages;
-        p.stride_page = page * kv_heads * dim, p.stride_slot = kv_heads * dim, p.stride_head = dim;
-        p.kv_indices = upload(std::vector<int>{3, 99, -1, 5, 6}), p.num_kv_indices = 5;
+        p.kv.page_size = page, p.kv.num_pages = pages;
+        p.kv.stride_page = page * kv_heads * dim, p.kv.stride_slot = kv_heads * dim, p.kv.stride_head = dim;
+        p.kv.kv_indices = upload(std::vector<int>{3, 99, -1, 5, 6}), p.kv.num_kv_indices = 5;
       } else {
-        p.page_size = 1, p.num_pages = pages * page;  // rows of a ragged k, v
-        p.stride_page = kv_heads * dim, p.stride_slot = 0, p.stride_head = dim;
+        p.kv.page_size = 1, p.kv.num_pages = pages * page;  // rows of a ragged k, v
+        p.kv.stride_page = kv_heads * dim, p.kv.stride_slot = 0, p.kv.stride_head = dim;
       }
       cudaMalloc(&p.o, size_t(total_q) * heads * dim * sizeof(__nv_bfloat16));
       cudaMalloc(&p.lse, size_t(total_q) * heads * sizeof(float));
