@@ -31,6 +31,15 @@ def _call(target, v_out_like, args, aliases=None):
     return v.astype(out_dtype), s
 
 
+def _check_pair(names, v_a, s_a, v_b, s_b):
+    """Checks two states [tokens, heads, head_dim] and their lse, naming the arguments."""
+    dims = Shapes()
+    dims.check(names[0], v_a, ("tokens", "heads", "head_dim"), FLOAT_DTYPES)
+    dims.check(names[1], s_a, ("tokens", "heads"), LSE_DTYPES)
+    dims.check(names[2], v_b, ("tokens", "heads", "head_dim"), (v_a.dtype,))
+    dims.check(names[3], s_b, ("tokens", "heads"), LSE_DTYPES)
+
+
 def merge_state(v_a, s_a, v_b, s_b, *, implementation=None):
     """Merges two attention states.
 
@@ -41,11 +50,7 @@ def merge_state(v_a, s_a, v_b, s_b, *, implementation=None):
     Returns:
       (v [tokens, heads, head_dim] in v_a's dtype, s [tokens, heads] float32, base 2).
     """
-    dims = Shapes()
-    dims.check("v_a", v_a, ("tokens", "heads", "head_dim"), FLOAT_DTYPES)
-    dims.check("s_a", s_a, ("tokens", "heads"), LSE_DTYPES)
-    dims.check("v_b", v_b, ("tokens", "heads", "head_dim"), (v_a.dtype,))
-    dims.check("s_b", s_b, ("tokens", "heads"), LSE_DTYPES)
+    _check_pair(("v_a", "s_a", "v_b", "s_b"), v_a, s_a, v_b, s_b)
     if not _ffi.use_ffi("merge", implementation):
         return reference.merge_state(v_a, s_a, v_b, s_b)
     return _call("jaxinfer_merge_state", v_a, [v_a, s_a, v_b, s_b])
@@ -58,12 +63,14 @@ def merge_state_in_place(v, s, v_other, s_other, *, implementation=None):
     call writes its result over v's and s's buffers (XLA input-output aliases),
     so a jitted step that donates them (or whose v, s are intermediates) merges
     without allocating. Without donation XLA copies first, as for any alias.
+
+    Args:
+      v, v_other: [tokens, heads, head_dim], float32/float16/bfloat16 (same dtype).
+      s, s_other: [tokens, heads] float32, base-2 log-sum-exp.
+    Returns:
+      (v [tokens, heads, head_dim] in v's dtype, s [tokens, heads] float32, base 2).
     """
-    dims = Shapes()
-    dims.check("v", v, ("tokens", "heads", "head_dim"), FLOAT_DTYPES)
-    dims.check("s", s, ("tokens", "heads"), LSE_DTYPES)
-    dims.check("v_other", v_other, ("tokens", "heads", "head_dim"), (v.dtype,))
-    dims.check("s_other", s_other, ("tokens", "heads"), LSE_DTYPES)
+    _check_pair(("v", "s", "v_other", "s_other"), v, s, v_other, s_other)
     if not _ffi.use_ffi("merge", implementation):
         return reference.merge_state(v, s, v_other, s_other)
     return _call("jaxinfer_merge_state", v, [v, s, v_other, s_other], aliases={0: 0, 1: 1})

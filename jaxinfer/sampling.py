@@ -4,17 +4,20 @@ renormalisation, and chain speculative sampling.
 Randomness comes only from the JAX PRNG key passed in (``jax.random.key`` or a
 raw uint32[2] key): the same key gives the same tokens, nothing lives in
 global state, and every op is safe inside ``jax.jit`` and ``lax.scan``.
-Filter parameters are a scalar for every row or an array with one value per
-row. A row with no drawable token (all probabilities 0, or all logits -inf)
-returns the token -1.
+Shapes: ``probs`` and ``logits`` are [B, V] (float32, bfloat16 or float16);
+``top_k`` (int32), ``top_p``, ``min_p`` and ``temperature`` (float32) are a
+scalar for every row or a [B] array with one value per row; draws are int32
+[B], renormalised probabilities float32 [B, V], masked logits [B, V] in the
+logits' dtype. A row with no drawable token (all probabilities 0, or all
+logits -inf) returns the token -1.
 
-Every draw and filter here has a sorting-free CUDA kernel (``csrc/sampling.h``:
-Gumbel-max draws, rejection with a rising pivot, radix select of
-thresholds), chosen with ``implementation="ffi"``. It has
-not run on a GPU yet, so ``implementation=None`` still means the jnp
-formulation of ``jaxinfer.reference`` (sort based) on every backend; the
-default moves to the kernel once the GPU tests pass. The two paths draw from
-the same distributions but not the same tokens for a key.
+The draws and the top-k / top-p renorm and mask filters have sorting-free
+CUDA kernels (``csrc/sampling.h``: Gumbel-max draws, rejection with a rising
+pivot, radix select of thresholds), chosen with ``implementation="ffi"``.
+They have not run on a GPU yet, so ``implementation=None`` still means the
+jnp formulation of ``jaxinfer.reference`` (sort based) on every backend; the
+default moves to the kernels once their GPU tests pass. The two paths draw
+from the same distributions but not the same tokens for a key.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def sampling_from_logits(key, logits, temperature=1.0, *, implementation=None):
 
 
 def top_k_renorm_probs(probs, top_k, *, implementation=None):
-    """Keeps each row's top_k largest probabilities (ties at the k-th kept), renormalised."""
+    """probs [B, V] -> float32 [B, V]: each row's top_k largest kept (ties at the k-th kept),
+    renormalised."""
     dims = _check_rows("probs", probs)
     _param("top_k", top_k, dims, jnp.int32, 1, np.iinfo(np.int32).max)
     if _use_kernel(implementation):
@@ -135,7 +139,8 @@ def top_k_renorm_probs(probs, top_k, *, implementation=None):
 
 
 def top_p_renorm_probs(probs, top_p, *, implementation=None):
-    """Keeps the smallest set of largest probabilities whose mass reaches top_p, renormalised."""
+    """probs [B, V] -> float32 [B, V]: the smallest set of largest probabilities whose mass
+    reaches top_p of the row's, renormalised."""
     dims = _check_rows("probs", probs)
     _param("top_p", top_p, dims, jnp.float32, 0.0, 1.0, low_open=True)
     if _use_kernel(implementation):
@@ -144,14 +149,16 @@ def top_p_renorm_probs(probs, top_p, *, implementation=None):
 
 
 def min_p_renorm_probs(probs, min_p):
-    """Keeps probabilities >= min_p * (the row's largest), renormalised."""
+    """probs [B, V] -> float32 [B, V]: probabilities >= min_p * (the row's largest),
+    renormalised."""
     dims = _check_rows("probs", probs)
     _param("min_p", min_p, dims, jnp.float32, 0.0, 1.0)
     return reference.min_p_renorm_probs(probs, min_p)
 
 
 def top_k_mask_logits(logits, top_k, *, implementation=None):
-    """Sets every logit below the row's top_k-th largest to -inf (ties kept)."""
+    """logits [B, V] -> [B, V]: every logit below the row's top_k-th largest set to -inf
+    (ties kept)."""
     dims = _check_rows("logits", logits)
     _param("top_k", top_k, dims, jnp.int32, 1, np.iinfo(np.int32).max)
     if _use_kernel(implementation):
