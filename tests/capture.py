@@ -39,7 +39,7 @@ def assert_captured(script: str, module: str, target: str) -> None:
     """Asserts every custom call of ``jit_<module>`` (run by ``script``) sits in a command buffer.
 
     The thunk dump names custom-call thunks only ``kCustomCall``, so the
-    optimised HLO must show that the module's custom calls are all ``target``.
+    optimised HLO must show that the module's custom calls all start with ``target``.
     """
     hlo, thunks = _dumps(script, module)
     targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo))

@@ -165,4 +165,4 @@ def test_gpu_cascade_is_captured():
             return jaxinfer.cascade_attention(q * 2, [(k, k), (k, k)], plan, causal=True)
 
         jax.block_until_ready(step(q, k, plan))
-    """, module="step", target="jaxinfer_batch_prefill")
+    """, module="step", target="jaxinfer_")
