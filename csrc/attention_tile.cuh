@@ -20,11 +20,29 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-// Issues the cp.async copies of one K/V tile of kRows keys into the swizzled
-// tiles s_k and s_v: key row r starts at element offset rows[r] of k_base and
-// v_base, -1 for no key (zero-filled, nothing read). kThreads threads share
-// the 16-byte chunks.
-template <typename T, int D, int kRows, int kThreads>
+// Tile layouts: Layout::at(row, chunk) is the element offset of 16-byte chunk
+// `chunk` of row `row`.
+//   RowSwizzle<D>:      [rows][D], the swizzle above.
+//   BlockSwizzle<kRows>: D / 64 column blocks of [kRows][64]: 128-byte rows,
+//                       chunks XOR-ed by row % 8. The layout of the wgmma
+//                       descriptors' 128B swizzle (csrc/wgmma.cuh) when blocks
+//                       are 1024-byte aligned; ldmatrix reads it conflict-free.
+template <int D>
+struct RowSwizzle {
+  __device__ __forceinline__ static int at(int row, int chunk) { return swizzle<D>(row, chunk); }
+};
+template <int kRows>
+struct BlockSwizzle {
+  __device__ __forceinline__ static int at(int row, int chunk) {
+    return (chunk / 8) * kRows * 64 + swizzle<64>(row, chunk % 8);
+  }
+};
+
+// Issues the cp.async copies of one K/V tile of kRows keys into the tiles s_k
+// and s_v: key row r starts at element offset rows[r] of k_base and v_base, -1
+// for no key (zero-filled, nothing read). kThreads threads share the 16-byte
+// chunks.
+template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>>
 __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, const T* v_base,
                                              const int64_t* rows) {
   constexpr int kChunks = D / 8;
@@ -35,25 +53,66 @@ __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, co
     const int row = threadIdx.x / kChunks + pass * kRowsPerPass;
     const int64_t offset = rows[row];
     const bool ok = offset >= 0;
-    const int dst = swizzle<D>(row, chunk);
+    const int dst = Layout::at(row, chunk);
     cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
     cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
   }
 }
 
-// RoPE over a [kRows][D] swizzled key tile in place, row r at position
-// first_pos + r; the CTA's kThreads threads share the pairs. The caller
-// synchronises before and after.
-template <typename T, int D, int kRows, int kThreads>
+// RoPE over a [kRows][D] key tile in place, row r at position first_pos + r;
+// the CTA's kThreads threads share the pairs. The caller synchronises before
+// and after.
+template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>>
 __device__ __forceinline__ void rotate_key_tile(T* tile, int first_pos, const AttentionVariant& var) {
   for (int i = threadIdx.x; i < kRows * (D / 2); i += kThreads) {
     const int r = i / (D / 2), j = i % (D / 2);
-    T* lo_p = tile + swizzle<D>(r, j / 8) + j % 8;
-    T* hi_p = tile + swizzle<D>(r, (j + D / 2) / 8) + j % 8;
+    T* lo_p = tile + Layout::at(r, j / 8) + j % 8;
+    T* hi_p = tile + Layout::at(r, (j + D / 2) / 8) + j % 8;
     float lo = to_float(*lo_p), hi = to_float(*hi_p);
     var.rope_pair(lo, hi, j, D, first_pos + r);
     *lo_p = from_float<T>(lo);
     *hi_p = from_float<T>(hi);
+  }
+}
+
+// The variant's logits for one warp's 16 x (8 kNTiles) tile of raw scores in
+// m16n8 C fragments (elements 0, 1: row gid, elements 2, 3: row gid + 8;
+// columns 8 nt + 2 tig + {0, 1}). Keys sit at positions first_key + column;
+// the thread's rows at q_pos[2], heads head[2]. With masked, elements where
+// !var.visible or !allowed(i, column) (i = 0, 1: the row) become -inf; the
+// caller passes masked = false for tiles every row sees entirely, which then
+// cost one multiply per element. Branches here are uniform across the warp.
+template <int kNTiles, typename Allowed>
+__device__ __forceinline__ void apply_variant(float (&s)[kNTiles][4], const AttentionVariant& var, bool masked,
+                                              int first_key, const int (&q_pos)[2], const int (&head)[2],
+                                              Allowed allowed) {
+  const int tig = threadIdx.x % 4;
+  if (var.plain_logits()) {
+    const float scale = var.sm_scale * AttentionVariant::kLog2e;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[nt][j] *= scale;
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = first_key + nt * 8 + 2 * tig + (j % 2);
+        s[nt][j] = var.logit(s[nt][j], head[j / 2], key, q_pos[j / 2]);
+      }
+    }
+  }
+  if (!masked) return;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int column = nt * 8 + 2 * tig + (j % 2);
+      const bool ok = var.visible(first_key + column, q_pos[j / 2]) && allowed(j / 2, column);
+      s[nt][j] = ok ? s[nt][j] : -INFINITY;
+    }
   }
 }
 

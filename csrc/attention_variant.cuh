@@ -36,8 +36,17 @@ struct AttentionVariant {
     return s * kLog2e;
   }
 
+  // Whether logit() only scales: kernels test this once per tile, not per element.
+  __device__ __forceinline__ bool plain_logits() const { return soft_cap <= 0.f && alibi_slopes == nullptr; }
+
   __device__ __forceinline__ bool visible(int kv_pos, int q_pos) const {
     return (!causal || kv_pos <= q_pos) && (window_left < 0 || kv_pos >= q_pos - window_left);
+  }
+
+  // Whether every key in [first_kv, last_kv] is visible to every query in
+  // [min_q, max_q]: then a tile needs no per-element mask.
+  __device__ __forceinline__ bool all_visible(int first_kv, int last_kv, int min_q, int max_q) const {
+    return visible(last_kv, min_q) && visible(first_kv, max_q);
   }
 
   // One past the last key position a query at q_pos can see, of kv_len keys.

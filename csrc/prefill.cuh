@@ -1,18 +1,24 @@
-// Batch prefill / append attention with tensor cores (mma.sync m16n8k16,
-// sm80+): the portable path, FlashAttention-2 style.
+// Batch prefill / append attention with tensor cores, FlashAttention style,
+// with two MMA back ends over one kernel body:
+//   portable (sm80+): mma.sync m16n8k16, 64-key tiles, Q fragments in registers;
+//   Hopper (sm_90a):  wgmma, 128-key tiles, Q and K/V read by descriptors from
+//                     128B-swizzled shared memory, P from registers
+//                     (head dims 64 and 128; 256 would not fit two stages).
 //
-// One CTA = one KV head x one work item: kPrefillTileRows packed query rows
-// (token, head of the GQA group), 16 per warp, against the keys those rows
-// can see, in 64-key tiles through a 2-stage cp.async pipeline. Each warp
-// keeps the online softmax of its own 16 rows, so no cross-warp merge; the
-// CTA writes o and lse directly.
+// One CTA = one KV head x one work item: kPrefillTileRows (128) packed query
+// rows (token, head of the GQA group), 16 per warp (for wgmma: two
+// warpgroups of 64), against the keys those rows can see, in key tiles
+// through a 2-stage cp.async pipeline. Each warp keeps the online softmax of
+// its own 16 rows in m16n8 C fragments (wgmma's accumulators share the
+// order), so no cross-warp merge; the CTA writes o and lse directly.
 //
 // Key rows are located as in decode: one thread per key resolves the row's
 // element offset a tile ahead (a page-table read when paged, the row itself
 // when ragged), -1 for no key; copies of missing keys are zero-filled and
-// their logits masked.
+// their logits masked. Per-element masks run only on tiles that need them.
 //
-// Shared-memory tiles are [rows][D], swizzled (csrc/attention_tile.cuh).
+// Shared-memory tiles are BlockSwizzle (csrc/attention_tile.cuh), 1024-byte
+// aligned.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -23,31 +29,36 @@
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
 #include "csrc/vec.cuh"
+#include "csrc/wgmma.cuh"
 
 namespace jaxinfer {
 namespace prefill_detail {
 
-constexpr int kWarps = 4;
+constexpr int kRows = kPrefillTileRows;
+constexpr int kWarps = kRows / 16;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kTileKeys = 64;
-constexpr int kRows = kPrefillTileRows;  // 16 per warp
 constexpr int kStages = 2;
 constexpr int kRowSlots = kStages + 1;
 
-template <int D>
+template <int D, bool kHopper>
 struct Config {
-  static_assert(D % 64 == 0, "head dim must be a multiple of 64 (8 swizzled 16-byte chunks)");
-  static constexpr int kChunks = D / 8;
-  static constexpr int kTileElems = kTileKeys * D;
-  static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
+  static_assert(D % 64 == 0, "head dim must be a multiple of 64 (64-element swizzle blocks)");
+  static_assert(!kHopper || D <= 128, "the Hopper path holds two stages of 128-key tiles: D <= 128");
+  static constexpr int kKeys = kHopper ? 128 : 64;  // keys per tile
+  static constexpr int kTileElems = kKeys * D;
+  static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2 + 1024;  // + alignment
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p) {
-  using Cfg = Config<D>;
-  constexpr int kChunks = Cfg::kChunks;
-  extern __shared__ __align__(128) uint8_t smem[];
-  auto stage_k = [&](int stage) { return reinterpret_cast<T*>(smem) + stage * 2 * Cfg::kTileElems; };
+template <typename T, int D, bool kHopper>
+__global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParams p) {
+  using Cfg = Config<D, kHopper>;
+  constexpr int kKeys = Cfg::kKeys;
+  constexpr int kChunks = D / 8;
+  using QLayout = BlockSwizzle<kRows>;
+  using KvLayout = BlockSwizzle<kKeys>;
+  extern __shared__ uint8_t smem_raw[];
+  T* smem = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto stage_k = [&](int stage) { return smem + stage * 2 * Cfg::kTileElems; };
   T* s_q = stage_k(kStages);  // [kRows][D]
 
   const int32_t* f = p.items + int64_t(blockIdx.y) * kPfItemFields;
@@ -74,22 +85,23 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
   auto q_pos_of = [&](int r) { return kv_len - q_len + (row_begin + r) / group; };
   const int kv_lo = max(max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]), 0);
   const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
-  const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kTileKeys - 1) / kTileKeys : 0;
+  const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kKeys - 1) / kKeys : 0;
 
   const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
   const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
-  __shared__ int64_t s_row[kRowSlots][kTileKeys];
+  __shared__ int64_t s_row[kRowSlots][kKeys];
   auto row_offset = [&](int tile) -> int64_t {  // key row tid of `tile`
-    const int pos = kv_lo + tile * kTileKeys + tid;  // negative only on int overflow (a corrupt plan)
+    const int pos = kv_lo + tile * kKeys + tid;  // negative only on int overflow (a corrupt plan)
     if (tile >= num_tiles || pos >= kv_hi) return -1;
     return p.kv.row_offset(kv_begin, kv_end, pos);
   };
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);
-    load_kv_tile<T, D, kTileKeys, kThreads>(s_k, s_k + Cfg::kTileElems, k_base, v_base, s_row[tile % kRowSlots]);
+    load_kv_tile<T, D, kKeys, kThreads, KvLayout>(s_k, s_k + Cfg::kTileElems, k_base, v_base,
+                                                  s_row[tile % kRowSlots]);
   };
 
-  if (tid < kTileKeys) {
+  if (tid < kKeys) {
     s_row[0][tid] = row_offset(0);
     s_row[1][tid] = row_offset(1);
   }
@@ -112,8 +124,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
         for (int e = 0; e < 8; ++e) var.rope_pair(lo[e], hi[e], ch * 8 + e, D, q_pos_of(r));
       }
     }
-    store_float<T, 8>(s_q + swizzle<D>(r, ch), lo);
-    store_float<T, 8>(s_q + swizzle<D>(r, ch + kChunks / 2), hi);
+    store_float<T, 8>(s_q + QLayout::at(r, ch), lo);
+    store_float<T, 8>(s_q + QLayout::at(r, ch + kChunks / 2), hi);
   }
 
   // This thread's two rows (gid and gid + 8 of its warp's 16).
@@ -127,11 +139,15 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
     my_token[i] = (row_begin + r) / group;
     my_head[i] = kv_head * group + (row_begin + r) % group;
   }
+  // The rows of this warp span positions [warp_pos_lo, warp_pos_hi].
+  const int warp_rows = max(min(16, rows - warp * 16), 1);
+  const int warp_pos_lo = q_pos_of(warp * 16), warp_pos_hi = q_pos_of(warp * 16 + warp_rows - 1);
 
-  constexpr bool kQInRegisters = D <= 128;
+  // Portable path: Q fragments stay in registers for D <= 128.
+  constexpr bool kQInRegisters = !kHopper && D <= 128;
   auto load_q_frag = [&](uint32_t(&frag)[4], int ks) {
     const int mi = lane / 8;
-    ldmatrix_x4(frag, s_q + swizzle<D>(warp * 16 + (lane % 8) + 8 * (mi % 2), 2 * ks + mi / 2));
+    ldmatrix_x4(frag, s_q + QLayout::at(warp * 16 + (lane % 8) + 8 * (mi % 2), 2 * ks + mi / 2));
   };
   uint32_t q_frag[kQInRegisters ? D / 16 : 1][4];
   float o[D / 8][4] = {};
@@ -139,73 +155,112 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillParams p
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<0>();
-    __syncthreads();  // tile landed (and s_q written); every warp is done with the other stage
+    if constexpr (kHopper) fence_async_shared();  // cp.async and st.shared data, read by wgmma
+    // Tile landed (and s_q written); every warp is done with the other stage.
+    // The barrier also tells whether any key of this tile is missing.
+    const bool keys_missing = __syncthreads_or(tid < kKeys && s_row[tile % kRowSlots][tid] < 0);
     if (tile + 1 < num_tiles) load_tile(tile + 1);
     cp_async_commit();
-    const int64_t next_row = tid < kTileKeys ? row_offset(tile + 2) : -1;
-    if (tile == 0 && kQInRegisters) {
+    const int64_t next_row = tid < kKeys ? row_offset(tile + 2) : -1;
+    if constexpr (kQInRegisters) {
+      if (tile == 0) {
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
+        for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
+      }
     }
-    const int first = kv_lo + tile * kTileKeys;
+    const int first = kv_lo + tile * kKeys;
     T* s_kt = stage_k(tile % kStages);
     const T* s_vt = s_kt + Cfg::kTileElems;
     if (var.rope) {
-      rotate_key_tile<T, D, kTileKeys, kThreads>(s_kt, first, var);
+      rotate_key_tile<T, D, kKeys, kThreads, KvLayout>(s_kt, first, var);
+      if constexpr (kHopper) fence_async_shared();
       __syncthreads();
     }
 
-    // S = Q K^T: 16 rows x 64 keys per warp, eight n-tiles of 8 keys.
-    float s[8][4] = {};
+    // S = Q K^T: this warp's 16 rows x kKeys keys.
+    float s[kKeys / 8][4];
+    if constexpr (kHopper) {
+      // Each warpgroup: its 64 rows of s_q against the tile, 16 of D per step.
+      const T* q_rows = s_q + (warp / 4) * 64 * 64;
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a_smem[4];
-      if constexpr (!kQInRegisters) load_q_frag(a_smem, ks);
-      const uint32_t(&a)[4] = kQInRegisters ? q_frag[kQInRegisters ? ks : 0] : a_smem;
+      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      wgmma_fence();
+      wgmma_fence_operands(s);
 #pragma unroll
-      for (int n2 = 0; n2 < 4; ++n2) {
-        const int mi = lane / 8;
-        uint32_t b[4];
-        ldmatrix_x4(b, s_kt + swizzle<D>(n2 * 16 + (lane % 8) + 8 * (mi / 2), 2 * ks + (mi % 2)));
-        mma_16816<T>(s[2 * n2], a, b[0], b[1]);
-        mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const int block = ks / 4, within = (ks % 4) * 16;
+        wgmma_ss<T, kKeys>(s, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
+                           wgmma_desc(s_kt + block * kKeys * 64 + within, 16, 1024), ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(s);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t a_smem[4];
+        if constexpr (!kQInRegisters) load_q_frag(a_smem, ks);
+        const uint32_t(&a)[4] = kQInRegisters ? q_frag[kQInRegisters ? ks : 0] : a_smem;
+#pragma unroll
+        for (int n2 = 0; n2 < kKeys / 16; ++n2) {
+          const int mi = lane / 8;
+          uint32_t b[4];
+          ldmatrix_x4(b, s_kt + KvLayout::at(n2 * 16 + (lane % 8) + 8 * (mi / 2), 2 * ks + (mi % 2)));
+          mma_16816<T>(s[2 * n2], a, b[0], b[1]);
+          mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
+        }
       }
     }
 
-    // Variant logits and masks, then the online-softmax update of each row.
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int i = j / 2;
-        const int key = nt * 8 + 2 * tig + (j % 2);
-        const int pos = first + key;
-        bool ok = my_valid[i] && s_row[tile % kRowSlots][key] >= 0 && var.visible(pos, my_pos[i]);
-        if (p.custom_mask != nullptr && ok) {
-          const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + pos;
-          ok = at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
-        }
-        s[nt][j] = ok ? var.logit(s[nt][j], my_head[i], pos, my_pos[i]) : -INFINITY;
-      }
-    }
+    // Variant logits; per-element masks only on tiles that need them (the
+    // causal diagonal, window edges, missing keys, custom masks).
+    const bool masked = keys_missing || p.custom_mask != nullptr ||
+                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
+    const int64_t* key_rows = s_row[tile % kRowSlots];
+    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
+      if (!my_valid[i] || key_rows[key] < 0) return false;
+      if (p.custom_mask == nullptr) return true;
+      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
+      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
+    });
     online_softmax_step(s, m, l, o);
 
     // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
+    uint32_t p_frag[kKeys / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t p_frag[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    if constexpr (kHopper) {
+      // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
+      wgmma_fence();
+      wgmma_fence_operands(o);
 #pragma unroll
-      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-        const int mi = lane / 8;
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, s_vt + swizzle<D>(kk * 16 + (lane % 8) + 8 * (mi % 2), 2 * dt2 + mi / 2));
-        mma_16816<T>(o[2 * dt2], p_frag, b[0], b[1]);
-        mma_16816<T>(o[2 * dt2 + 1], p_frag, b[2], b[3]);
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(s_vt + kk * 16 * 64, kKeys * 64 * 2, 1024));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+        for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+          const int mi = lane / 8;
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, s_vt + KvLayout::at(kk * 16 + (lane % 8) + 8 * (mi % 2), 2 * dt2 + mi / 2));
+          mma_16816<T>(o[2 * dt2], p_frag[kk], b[0], b[1]);
+          mma_16816<T>(o[2 * dt2 + 1], p_frag[kk], b[2], b[3]);
+        }
       }
     }
-    if (tid < kTileKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
+    if (tid < kKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
   }
   cp_async_wait<0>();
 
@@ -254,6 +309,29 @@ struct SplitStates {
   __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
 };
 
+// The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
+inline bool use_hopper_path(int head_dim) {
+  static int major[64] = {};  // per device, queried once (not a stream operation)
+  int device = 0;
+  cudaGetDevice(&device);
+  if (major[device & 63] == 0) cudaDeviceGetAttribute(&major[device & 63], cudaDevAttrComputeCapabilityMajor, device);
+  return major[device & 63] == 9 && head_dim <= 128;
+}
+
+template <typename T, int D, bool kHopper>
+cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
+  using namespace prefill_detail;
+  constexpr auto kernel = prefill_kernel<T, D, kHopper>;
+  constexpr size_t smem = Config<D, kHopper>::kSmem;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
+  if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), kThreads, smem, stream>>>(p);
+  if (p.partial_o != nullptr) {
+    launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, D}, static_cast<T*>(p.o),
+                 p.lse, p.total_q * p.num_qo_heads, D, p.num_splits, stream, /*after_writer=*/p.num_items > 0);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace prefill_detail
 
 template <int kHeadDim>
@@ -263,17 +341,11 @@ cudaError_t launch_prefill(const PrefillParams& p, cudaStream_t stream) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core path: 16-bit inputs only
+    } else if constexpr (kHeadDim <= 128) {
+      return use_hopper_path(kHeadDim) ? run_prefill<T, kHeadDim, true>(p, stream)
+                                       : run_prefill<T, kHeadDim, false>(p, stream);
     } else {
-      constexpr auto kernel = prefill_kernel<T, kHeadDim>;
-      constexpr size_t smem = Config<kHeadDim>::kSmem;
-      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-      if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), kThreads, smem, stream>>>(p);
-      if (p.partial_o != nullptr) {
-        launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, kHeadDim},
-                     static_cast<T*>(p.o), p.lse, p.total_q * p.num_qo_heads, kHeadDim, p.num_splits,
-                     stream, /*after_writer=*/p.num_items > 0);
-      }
-      return cudaGetLastError();
+      return run_prefill<T, kHeadDim, false>(p, stream);
     }
   });
 }

@@ -16,7 +16,7 @@
 
 namespace jaxinfer {
 
-constexpr int kPrefillTileRows = 64;  // packed query rows per CTA (4 warps x 16)
+constexpr int kPrefillTileRows = 128;  // packed query rows per CTA (8 warps x 16)
 
 // Columns of one work item (jaxinfer/prefill.py ITEM_*): query rows
 // [row_begin, row_begin + kPrefillTileRows) of the request whose queries are

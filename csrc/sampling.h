@@ -1,15 +1,19 @@
 // Sorting-free sampling, one token per row of a probability matrix.
 //
-// Every draw is a Gumbel-max over the row's candidates (argmax of log p + G,
-// G = -log(-log u) from counter-based Philox keyed by the caller's JAX PRNG
-// key, the row, the round and the token), which is an exact categorical draw
-// proportional to p without a prefix sum. Top-k and top-p draw by rejection
-// with a rising pivot: a round draws among the tokens with p > pivot, keeps
-// the token if it lies in the filtered set (fewer than k tokens above it, or
-// less than top_p of the row's mass above it), else raises the pivot to its
-// probability. Every filtered token stays above the pivot, so each accepted
-// token is distributed exactly as the renormalised filtered distribution; the
-// row maximum is always accepted, so the rounds end.
+// Every draw is exact and needs no sort and no prefix sum over the row: one
+// pass sums each thread's share of the candidates, an exponential race
+// (argmax of mass / E, E = -log u, the Gumbel-max trick) picks a share with
+// probability proportional to its mass, and one warp walks that share (1/1024
+// of the row) to the token where the running mass passes u times the share's
+// mass. Random numbers come from counter-based Philox keyed by the caller's
+// JAX PRNG key, the row, the round and the thread. Top-k and top-p draw by
+// rejection with a rising pivot: a round draws among the tokens with p >
+// pivot; the next round's pass, which sums exactly the tokens above that
+// draw, keeps it if it lies in the filtered set (fewer than k tokens above
+// it, or less than top_p of the row's mass above it), else draws again above
+// its probability. Every filtered token stays above the pivot, so each
+// accepted token is distributed exactly as the renormalised filtered
+// distribution; the row maximum is always accepted, so the rounds end.
 #pragma once
 #include <cstdint>
 

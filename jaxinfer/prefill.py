@@ -14,7 +14,7 @@ rows past ``qo_indptr[-1]`` come back as zeros.
 The plan is a pytree of int32 numpy arrays shaped by the static capacities
 only (``max_batch``, ``max_q_tokens``, ``max_pages``, the GQA group), so a
 jitted step compiles once and replays for any mix of lengths. Its work items
-are tiles of 64 query rows (a request's tokens x the heads of one GQA group),
+are tiles of 128 query rows (a request's tokens x the heads of one GQA group),
 heaviest first; ``csrc/prefill_plan.h`` has the rule.
 """
 
@@ -31,7 +31,7 @@ from jaxinfer import _ffi, reference
 from jaxinfer._checks import Shapes
 from jaxinfer.decode import KERNEL_DTYPES, KERNEL_HEAD_DIMS, _split_cache
 
-TILE_ROWS = 64  # packed query rows per work item (csrc/prefill.h kPrefillTileRows)
+TILE_ROWS = 128  # packed query rows per work item (csrc/prefill.h kPrefillTileRows)
 ITEM_FIELDS = 11  # columns of PrefillPlan.items (csrc/prefill.h PrefillItemField)
 
 

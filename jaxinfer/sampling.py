@@ -12,12 +12,12 @@ logits' dtype. A row with no drawable token (all probabilities 0, or all
 logits -inf) returns the token -1.
 
 The draws and the top-k / top-p renorm and mask filters have sorting-free
-CUDA kernels (``csrc/sampling.h``: Gumbel-max draws, rejection with a rising
-pivot, radix select of thresholds), chosen with ``implementation="ffi"``.
-They have not run on a GPU yet, so ``implementation=None`` still means the
-jnp formulation of ``jaxinfer.reference`` (sort based) on every backend; the
-default moves to the kernels once their GPU tests pass. The two paths draw
-from the same distributions but not the same tokens for a key.
+CUDA kernels (``csrc/sampling.h``: two-level exact draws, rejection with a
+rising pivot, radix select of thresholds); ``implementation=None`` picks them
+on a GPU and the jnp formulation of ``jaxinfer.reference`` (sort based)
+elsewhere, "ffi" insists on the kernels, "reference" on the jnp path. The
+two paths draw from the same distributions but not the same tokens for a
+key.
 """
 
 from __future__ import annotations
@@ -75,8 +75,6 @@ TOP_K_RENORM, TOP_P_RENORM, TOP_K_MASK_LOGITS = range(3)  # csrc/sampling.h Filt
 
 
 def _use_kernel(implementation):
-    if implementation is None:
-        return False  # until the kernel has passed its GPU tests (see the module docstring)
     return _ffi.use_ffi("sampling", implementation)
 
 

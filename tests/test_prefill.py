@@ -149,14 +149,14 @@ def test_plan_covers_every_row_once_heaviest_first():
         items = plan.items[plan.items[:, REQUEST] >= 0]
         covered = np.zeros(2400 * group, int)
         for it in items:
-            rows = min(64, it[Q_LEN] * group - it[ROW_BEGIN])
+            rows = min(prefill_mod.TILE_ROWS, it[Q_LEN] * group - it[ROW_BEGIN])
             start = it[Q_BEGIN] * group + it[ROW_BEGIN]
             covered[start:start + rows] += 1
             assert it[KV_LEN] == (kv_lens[it[REQUEST]] if it[REQUEST] < batch else 0)
         np.testing.assert_array_equal(covered, 1)  # padding rows included
         # Keys a causal tile sees (the planner's cost), never increasing along the items.
         visible = np.minimum(items[:, KV_LEN], items[:, KV_LEN] - items[:, Q_LEN]
-                             + np.minimum(items[:, Q_LEN] * group, items[:, ROW_BEGIN] + 64) // group + 1)
+                             + np.minimum(items[:, Q_LEN] * group, items[:, ROW_BEGIN] + prefill_mod.TILE_ROWS) // group + 1)
         visible = np.maximum(visible, 0)
         assert np.all(np.diff(visible) <= 0)
 
