@@ -95,19 +95,31 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     if (tile >= num_tiles || pos >= kv_hi) return -1;
     return p.kv.row_offset(kv_begin, kv_end, pos);
   };
-  auto load_tile = [&](int tile) {
-    T* s_k = stage_k(tile % kStages);
-    load_kv_tile<T, D, kKeys, kThreads, KvLayout>(s_k, s_k + Cfg::kTileElems, k_base, v_base,
-                                                  s_row[tile % kRowSlots]);
+  // K and V of tile j sit in stage j % kStages.
+  auto k_tile = [&](int tile) { return stage_k(tile % kStages); };
+  auto v_tile = [&](int tile) { return stage_k(tile % kStages) + Cfg::kTileElems; };
+  auto load_k = [&](int tile) {
+    load_tile_rows<T, D, kKeys, kThreads, KvLayout>(k_tile(tile), k_base, s_row[tile % kRowSlots]);
+  };
+  auto load_v = [&](int tile) {
+    load_tile_rows<T, D, kKeys, kThreads, KvLayout>(v_tile(tile), v_base, s_row[tile % kRowSlots]);
   };
 
   if (tid < kKeys) {
-    s_row[0][tid] = row_offset(0);
-    s_row[1][tid] = row_offset(1);
+#pragma unroll
+    for (int i = 0; i < kRowSlots; ++i) s_row[i][tid] = row_offset(i);
   }
   __syncthreads();
-  if (num_tiles > 0) load_tile(0);
+  // First cp.async groups: K and V of tile 0 (portable); K of tile 0, then V
+  // of tile 0 with K of tile 1 (Hopper: K runs a tile ahead of V).
+  if (num_tiles > 0) load_k(0);
+  if (num_tiles > 0 && !kHopper) load_v(0);
   cp_async_commit();
+  if constexpr (kHopper) {
+    if (num_tiles > 0) load_v(0);
+    if (num_tiles > 1) load_k(1);
+    cp_async_commit();
+  }
 
   // Query rows -> s_q (zeros past the valid rows), RoPE applied pairwise on the way.
   for (int i = tid; i < kRows * (kChunks / 2); i += kThreads) {
@@ -153,49 +165,126 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<0>();
-    if constexpr (kHopper) fence_async_shared();  // cp.async and st.shared data, read by wgmma
-    // Tile landed (and s_q written); every warp is done with the other stage.
-    // The barrier also tells whether any key of this tile is missing.
-    const bool keys_missing = __syncthreads_or(tid < kKeys && s_row[tile % kRowSlots][tid] < 0);
-    if (tile + 1 < num_tiles) load_tile(tile + 1);
-    cp_async_commit();
-    const int64_t next_row = tid < kKeys ? row_offset(tile + 2) : -1;
-    if constexpr (kQInRegisters) {
-      if (tile == 0) {
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
-      }
-    }
+  // The variant, masks and softmax exponentials of a tile's scores s.
+  auto softmax_tile = [&](float(&s)[kKeys / 8][4], int tile, bool keys_missing, float(&scale)[2]) {
+    // Per-element masks only on tiles that need them (the causal diagonal,
+    // window edges, missing keys, custom masks).
     const int first = kv_lo + tile * kKeys;
-    T* s_kt = stage_k(tile % kStages);
-    const T* s_vt = s_kt + Cfg::kTileElems;
-    if (var.rope) {
-      rotate_key_tile<T, D, kKeys, kThreads, KvLayout>(s_kt, first, var);
+    const bool masked = keys_missing || p.custom_mask != nullptr ||
+                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
+    const int64_t* key_rows = s_row[tile % kRowSlots];
+    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
+      if (!my_valid[i] || key_rows[key] < 0) return false;
+      if (p.custom_mask == nullptr) return true;
+      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
+      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
+    });
+    online_softmax_exp(s, m, l, scale);
+  };
+  // P's C fragments are the A fragments of P V, 16 keys per k-step.
+  auto pack_p = [&](const float(&s)[kKeys / 8][4], uint32_t(&p_frag)[kKeys / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+  // After a tile's cp.async group has landed: visible to every warp (and to
+  // wgmma), RoPE applied to its keys; returns whether any of its keys is missing.
+  auto tile_landed = [&](int tile) {
+    if constexpr (kHopper) fence_async_shared();
+    const bool keys_missing = __syncthreads_or(tid < kKeys && s_row[tile % kRowSlots][tid] < 0);
+    if (var.rope && tile < num_tiles) {
+      rotate_key_tile<T, D, kKeys, kThreads, KvLayout>(k_tile(tile), kv_lo + tile * kKeys, var);
       if constexpr (kHopper) fence_async_shared();
       __syncthreads();
     }
+    return keys_missing;
+  };
 
-    // S = Q K^T: this warp's 16 rows x kKeys keys.
-    float s[kKeys / 8][4];
-    if constexpr (kHopper) {
-      // Each warpgroup: its 64 rows of s_q against the tile, 16 of D per step.
-      const T* q_rows = s_q + (warp / 4) * 64 * 64;
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  float s[kKeys / 8][4];
+  uint32_t p_frag[kKeys / 16][4];
+  float scale[2];
+  if constexpr (kHopper) {
+    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while
+    // the tensor cores run O += P_t V_t, the warps compute the softmax of
+    // S_{t+1}, whose wgmma was issued just before. Loads run K one tile ahead
+    // of V: iteration t waits for {V_t, K_{t+1}} and issues {V_{t+1}, K_{t+2}}.
+    const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
+    auto issue_s = [&](int tile) {  // S = Q K_tile^T, 16 of D per step
       wgmma_fence();
       wgmma_fence_operands(s);
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         const int block = ks / 4, within = (ks % 4) * 16;
         wgmma_ss<T, kKeys>(s, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                           wgmma_desc(s_kt + block * kKeys * 64 + within, 16, 1024), ks > 0);
+                           wgmma_desc(k_tile(tile) + block * kKeys * 64 + within, 16, 1024), ks > 0);
       }
       wgmma_commit();
+    };
+    if (num_tiles > 0) {
+      cp_async_wait<1>();  // K_0
+      const bool keys_missing = tile_landed(0);
+      issue_s(0);
       wgmma_wait<0>();
       wgmma_fence_operands(s);
-    } else {
+      softmax_tile(s, 0, keys_missing, scale);  // o is still zero: no rescale
+      pack_p(s, p_frag);
+    }
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      const bool has_next = tile + 1 < num_tiles;
+      cp_async_wait<0>();  // V_tile and K_{tile+1}
+      const bool next_missing = tile_landed(tile + 1);
+      if (has_next) load_v(tile + 1);
+      if (tile + 2 < num_tiles) load_k(tile + 2);
+      cp_async_commit();
+      const int64_t next_row = tid < kKeys ? row_offset(tile + 3) : -1;
+      // (Issued on the last tile too, over a stale stage, so that the wgmma
+      // groups are the same on every path: ptxas then keeps them in flight.)
+      issue_s(tile + 1);
+      // V [keys][D] is N-major for P V: 64-column blocks kKeys rows apart.
+      wgmma_fence();
+      wgmma_fence_operands(o);
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_tile(tile) + kk * 16 * 64, kKeys * 64 * 2, 1024));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // S_{tile+1} done; P V may still run
+      wgmma_fence_operands(s);
+      if (has_next) softmax_tile(s, tile + 1, next_missing, scale);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      if (has_next) {
+        rescale_rows(o, scale);
+        pack_p(s, p_frag);
+      }
+      // This iteration reads the slots of tiles tile + 1 and tile + 2 only.
+      if (tid < kKeys) s_row[(tile + 3) % kRowSlots][tid] = next_row;
+    }
+  } else {
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      cp_async_wait<0>();
+      // Tile landed (and s_q written); every warp is done with the other stage.
+      const bool keys_missing = tile_landed(tile);
+      if (tile + 1 < num_tiles) {
+        load_k(tile + 1);
+        load_v(tile + 1);
+      }
+      cp_async_commit();
+      const int64_t next_row = tid < kKeys ? row_offset(tile + 2) : -1;
+      if constexpr (kQInRegisters) {
+        if (tile == 0) {
+#pragma unroll
+          for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
+        }
+      }
+      const T* s_kt = k_tile(tile);
+      const T* s_vt = v_tile(tile);
+
+      // S = Q K^T: this warp's 16 rows x kKeys keys.
 #pragma unroll
       for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
@@ -212,42 +301,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
           mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
         }
       }
-    }
+      softmax_tile(s, tile, keys_missing, scale);
+      rescale_rows(o, scale);
+      pack_p(s, p_frag);
 
-    // Variant logits; per-element masks only on tiles that need them (the
-    // causal diagonal, window edges, missing keys, custom masks).
-    const bool masked = keys_missing || p.custom_mask != nullptr ||
-                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
-    const int64_t* key_rows = s_row[tile % kRowSlots];
-    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
-      if (!my_valid[i] || key_rows[key] < 0) return false;
-      if (p.custom_mask == nullptr) return true;
-      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
-      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
-    });
-    online_softmax_step(s, m, l, o);
-
-    // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
-    uint32_t p_frag[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-    if constexpr (kHopper) {
-      // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
-      wgmma_fence();
-      wgmma_fence_operands(o);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(s_vt + kk * 16 * 64, kKeys * 64 * 2, 1024));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-    } else {
+      // O += P V.
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
 #pragma unroll
@@ -259,8 +317,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
           mma_16816<T>(o[2 * dt2 + 1], p_frag[kk], b[2], b[3]);
         }
       }
+      // This iteration reads the slots of tiles tile and tile + 1 only.
+      if (tid < kKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
     }
-    if (tid < kKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
   }
   cp_async_wait<0>();
 
