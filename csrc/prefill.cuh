@@ -1,21 +1,23 @@
 // Batch prefill / append attention with tensor cores, FlashAttention style,
-// with two MMA back ends over one kernel body:
-//   portable (sm80+): mma.sync m16n8k16, 64-key tiles, Q fragments in registers;
-//   Hopper (sm_90a):  wgmma, 128-key tiles, Q and K/V read by descriptors from
-//                     128B-swizzled shared memory, P from registers
-//                     (head dims 64 and 128; 256 would not fit two stages).
+// with two MMA back ends over one kernel body and its helpers:
+//   portable (sm80+): mma.sync m16n8k16, Q fragments in registers, 2 stages;
+//   Hopper (sm_90a):  wgmma with Q and K/V read by descriptors from
+//                     128B-swizzled shared memory and P from registers, 4
+//                     stages, and the softmax of one tile run while the
+//                     tensor cores multiply the previous one by V
+//                     (head dims 64 and 128; 256 would not fit the stages).
 //
 // One CTA = one KV head x one work item: kPrefillTileRows (128) packed query
 // rows (token, head of the GQA group), 16 per warp (for wgmma: two
-// warpgroups of 64), against the keys those rows can see, in key tiles
-// through a 2-stage cp.async pipeline. Each warp keeps the online softmax of
-// its own 16 rows in m16n8 C fragments (wgmma's accumulators share the
-// order), so no cross-warp merge; the CTA writes o and lse directly.
+// warpgroups of 64), against the keys those rows can see, in 64-key tiles
+// through a cp.async pipeline. Each warp keeps the online softmax of its own
+// 16 rows in m16n8 C fragments (wgmma's accumulators share the order), so no
+// cross-warp merge; the CTA writes o and lse directly.
 //
 // Key rows are located as in decode: one thread per key resolves the row's
-// element offset a tile ahead (a page-table read when paged, the row itself
-// when ragged), -1 for no key; copies of missing keys are zero-filled and
-// their logits masked. Per-element masks run only on tiles that need them.
+// element offset ahead of its load (a page-table read when paged, the row
+// itself when ragged), -1 for no key; copies of missing keys are zero-filled
+// and their logits masked. Per-element masks run only on tiles that need them.
 //
 // Shared-memory tiles are BlockSwizzle (csrc/attention_tile.cuh), 1024-byte
 // aligned.
@@ -37,14 +39,13 @@ namespace prefill_detail {
 constexpr int kRows = kPrefillTileRows;
 constexpr int kWarps = kRows / 16;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kStages = 2;
-constexpr int kRowSlots = kStages + 1;
 
 template <int D, bool kHopper>
 struct Config {
   static_assert(D % 64 == 0, "head dim must be a multiple of 64 (64-element swizzle blocks)");
-  static_assert(!kHopper || D <= 128, "the Hopper path holds two stages of 128-key tiles: D <= 128");
-  static constexpr int kKeys = kHopper ? 128 : 64;  // keys per tile
+  static_assert(!kHopper || D <= 128, "the Hopper path holds four stages of K and V: D <= 128");
+  static constexpr int kKeys = 64;                 // keys per tile
+  static constexpr int kStages = kHopper ? 4 : 2;  // K/V tiles in shared memory
   static constexpr int kTileElems = kKeys * D;
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2 + 1024;  // + alignment
 };
@@ -53,6 +54,8 @@ template <typename T, int D, bool kHopper>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParams p) {
   using Cfg = Config<D, kHopper>;
   constexpr int kKeys = Cfg::kKeys;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kRowSlots = kStages + 1;  // key row offsets, resolved a stage ahead of the loads
   constexpr int kChunks = D / 8;
   using QLayout = BlockSwizzle<kRows>;
   using KvLayout = BlockSwizzle<kKeys>;
@@ -110,14 +113,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     for (int i = 0; i < kRowSlots; ++i) s_row[i][tid] = row_offset(i);
   }
   __syncthreads();
-  // First cp.async groups: K and V of tile 0 (portable); K of tile 0, then V
-  // of tile 0 with K of tile 1 (Hopper: K runs a tile ahead of V).
-  if (num_tiles > 0) load_k(0);
-  if (num_tiles > 0 && !kHopper) load_v(0);
-  cp_async_commit();
-  if constexpr (kHopper) {
-    if (num_tiles > 0) load_v(0);
-    if (num_tiles > 1) load_k(1);
+  // The first kStages - 1 tiles' K and V, one cp.async group per tile.
+#pragma unroll
+  for (int tile = 0; tile < kStages - 1; ++tile) {
+    if (tile < num_tiles) {
+      load_k(tile);
+      load_v(tile);
+    }
     cp_async_commit();
   }
 
@@ -210,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   if constexpr (kHopper) {
     // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while
     // the tensor cores run O += P_t V_t, the warps compute the softmax of
-    // S_{t+1}, whose wgmma was issued just before. Loads run K one tile ahead
-    // of V: iteration t waits for {V_t, K_{t+1}} and issues {V_{t+1}, K_{t+2}}.
+    // S_{t+1}, whose wgmma was issued just before. Iteration t needs tiles t
+    // (V) and t + 1 (K) and keeps the next two tiles' loads in flight.
     const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
     auto issue_s = [&](int tile) {  // S = Q K_tile^T, 16 of D per step
       wgmma_fence();
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       wgmma_commit();
     };
     if (num_tiles > 0) {
-      cp_async_wait<1>();  // K_0
+      cp_async_wait<kStages - 2>();  // tile 0
       const bool keys_missing = tile_landed(0);
       issue_s(0);
       wgmma_wait<0>();
@@ -235,12 +237,14 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     }
     for (int tile = 0; tile < num_tiles; ++tile) {
       const bool has_next = tile + 1 < num_tiles;
-      cp_async_wait<0>();  // V_tile and K_{tile+1}
+      cp_async_wait<kStages - 3>();  // tile + 1
       const bool next_missing = tile_landed(tile + 1);
-      if (has_next) load_v(tile + 1);
-      if (tile + 2 < num_tiles) load_k(tile + 2);
+      if (tile + kStages - 1 < num_tiles) {  // into the stage of tile - 1, now free
+        load_k(tile + kStages - 1);
+        load_v(tile + kStages - 1);
+      }
       cp_async_commit();
-      const int64_t next_row = tid < kKeys ? row_offset(tile + 3) : -1;
+      const int64_t next_row = tid < kKeys ? row_offset(tile + kStages) : -1;
       // (Issued on the last tile too, over a stale stage, so that the wgmma
       // groups are the same on every path: ptxas then keeps them in flight.)
       issue_s(tile + 1);
@@ -261,8 +265,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
         rescale_rows(o, scale);
         pack_p(s, p_frag);
       }
-      // This iteration reads the slots of tiles tile + 1 and tile + 2 only.
-      if (tid < kKeys) s_row[(tile + 3) % kRowSlots][tid] = next_row;
+      // This iteration reads the slots of tiles tile + 1 and tile + kStages - 1 only.
+      if (tid < kKeys) s_row[(tile + kStages) % kRowSlots][tid] = next_row;
     }
   } else {
     for (int tile = 0; tile < num_tiles; ++tile) {
