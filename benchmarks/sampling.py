@@ -29,7 +29,8 @@ def lax_top_k(key, probs, k=50):
 
 def main():
     args = parse_args(__doc__)
-    batches, vocabs = ([1, 128], [128256]) if args.quick else ([1, 64, 128, 256, 512], [32000, 128256, 151936])
+    batches = [1, 64, 128, 256, 512]
+    vocabs = [128256] if args.quick else [32000, 128256, 151936]  # quick: the target shapes
     rows = []
     key = jax.random.key(0)
     for vocab in vocabs:

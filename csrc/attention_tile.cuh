@@ -38,11 +38,13 @@ struct BlockSwizzle {
   }
 };
 
-// Issues the cp.async copies of one tile of kRows rows into dst: row r starts
-// at element offset rows[r] of base, -1 for no row (zero-filled, nothing
-// read). kThreads threads share the 16-byte chunks.
+// Issues the cp.async copies of one K/V tile of kRows keys into the tiles s_k
+// and s_v: key row r starts at element offset rows[r] of k_base and v_base, -1
+// for no key (zero-filled, nothing read). kThreads threads share the 16-byte
+// chunks.
 template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>>
-__device__ __forceinline__ void load_tile_rows(T* dst, const T* base, const int64_t* rows) {
+__device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, const T* v_base,
+                                             const int64_t* rows) {
   constexpr int kChunks = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
   const int chunk = threadIdx.x % kChunks;
@@ -51,16 +53,10 @@ __device__ __forceinline__ void load_tile_rows(T* dst, const T* base, const int6
     const int row = threadIdx.x / kChunks + pass * kRowsPerPass;
     const int64_t offset = rows[row];
     const bool ok = offset >= 0;
-    cp_async_16(dst + Layout::at(row, chunk), base + (ok ? offset + chunk * 8 : 0), ok);
+    const int dst = Layout::at(row, chunk);
+    cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
+    cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
   }
-}
-
-// The K and V tiles of the same key rows.
-template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>>
-__device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, const T* v_base,
-                                             const int64_t* rows) {
-  load_tile_rows<T, D, kRows, kThreads, Layout>(s_k, k_base, rows);
-  load_tile_rows<T, D, kRows, kThreads, Layout>(s_v, v_base, rows);
 }
 
 // RoPE over a [kRows][D] key tile in place, row r at position first_pos + r;
@@ -124,12 +120,12 @@ __device__ __forceinline__ void apply_variant(float (&s)[kNTiles][4], const Atte
 // fragments (row gid: elements 0, 1 of each n-tile; row gid + 8: elements 2,
 // 3; a row's 4 owners are the lanes of one quad). s holds the tile's masked
 // base-2 logits (-inf = masked) and leaves as unnormalised probabilities;
-// the running max m and this lane's share of the sums l are updated, and
-// scale[r] is the factor the output accumulators of row r need (applied by
-// rescale_rows: apart, so a kernel can do it after an in-flight MMA is done).
-template <int kNTiles>
-__device__ __forceinline__ void online_softmax_exp(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                   float (&scale)[2]) {
+// the running max m and this lane's share of the sums l are updated, and the
+// output accumulators o rescaled to the new max.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4]) {
+  float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float row_max = -INFINITY;
@@ -149,10 +145,6 @@ __device__ __forceinline__ void online_softmax_exp(float (&s)[kNTiles][4], float
       l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
   }
-}
-
-template <int kDTiles>
-__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&scale)[2]) {
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= scale[0];
@@ -160,14 +152,6 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float
     o[dt][2] *= scale[1];
     o[dt][3] *= scale[1];
   }
-}
-
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4]) {
-  float scale[2];
-  online_softmax_exp(s, m, l, scale);
-  rescale_rows(o, scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

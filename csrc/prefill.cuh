@@ -1,23 +1,21 @@
 // Batch prefill / append attention with tensor cores, FlashAttention style,
-// with two MMA back ends over one kernel body and its helpers:
-//   portable (sm80+): mma.sync m16n8k16, Q fragments in registers, 2 stages;
-//   Hopper (sm_90a):  wgmma with Q and K/V read by descriptors from
-//                     128B-swizzled shared memory and P from registers, 4
-//                     stages, and the softmax of one tile run while the
-//                     tensor cores multiply the previous one by V
-//                     (head dims 64 and 128; 256 would not fit the stages).
+// with two MMA back ends over one kernel body:
+//   portable (sm80+): mma.sync m16n8k16, 64-key tiles, Q fragments in registers;
+//   Hopper (sm_90a):  wgmma, 128-key tiles, Q and K/V read by descriptors from
+//                     128B-swizzled shared memory, P from registers
+//                     (head dims 64 and 128; 256 would not fit two stages).
 //
 // One CTA = one KV head x one work item: kPrefillTileRows (128) packed query
 // rows (token, head of the GQA group), 16 per warp (for wgmma: two
-// warpgroups of 64), against the keys those rows can see, in 64-key tiles
-// through a cp.async pipeline. Each warp keeps the online softmax of its own
-// 16 rows in m16n8 C fragments (wgmma's accumulators share the order), so no
-// cross-warp merge; the CTA writes o and lse directly.
+// warpgroups of 64), against the keys those rows can see, in key tiles
+// through a 2-stage cp.async pipeline. Each warp keeps the online softmax of
+// its own 16 rows in m16n8 C fragments (wgmma's accumulators share the
+// order), so no cross-warp merge; the CTA writes o and lse directly.
 //
 // Key rows are located as in decode: one thread per key resolves the row's
-// element offset ahead of its load (a page-table read when paged, the row
-// itself when ragged), -1 for no key; copies of missing keys are zero-filled
-// and their logits masked. Per-element masks run only on tiles that need them.
+// element offset a tile ahead (a page-table read when paged, the row itself
+// when ragged), -1 for no key; copies of missing keys are zero-filled and
+// their logits masked. Per-element masks run only on tiles that need them.
 //
 // Shared-memory tiles are BlockSwizzle (csrc/attention_tile.cuh), 1024-byte
 // aligned.
@@ -39,13 +37,14 @@ namespace prefill_detail {
 constexpr int kRows = kPrefillTileRows;
 constexpr int kWarps = kRows / 16;
 constexpr int kThreads = 32 * kWarps;
+constexpr int kStages = 2;
+constexpr int kRowSlots = kStages + 1;
 
 template <int D, bool kHopper>
 struct Config {
   static_assert(D % 64 == 0, "head dim must be a multiple of 64 (64-element swizzle blocks)");
-  static_assert(!kHopper || D <= 128, "the Hopper path holds four stages of K and V: D <= 128");
-  static constexpr int kKeys = 64;                 // keys per tile
-  static constexpr int kStages = kHopper ? 4 : 2;  // K/V tiles in shared memory
+  static_assert(!kHopper || D <= 128, "the Hopper path holds two stages of 128-key tiles: D <= 128");
+  static constexpr int kKeys = kHopper ? 128 : 64;  // keys per tile
   static constexpr int kTileElems = kKeys * D;
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2 + 1024;  // + alignment
 };
@@ -54,8 +53,6 @@ template <typename T, int D, bool kHopper>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParams p) {
   using Cfg = Config<D, kHopper>;
   constexpr int kKeys = Cfg::kKeys;
-  constexpr int kStages = Cfg::kStages;
-  constexpr int kRowSlots = kStages + 1;  // key row offsets, resolved a stage ahead of the loads
   constexpr int kChunks = D / 8;
   using QLayout = BlockSwizzle<kRows>;
   using KvLayout = BlockSwizzle<kKeys>;
@@ -98,30 +95,19 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     if (tile >= num_tiles || pos >= kv_hi) return -1;
     return p.kv.row_offset(kv_begin, kv_end, pos);
   };
-  // K and V of tile j sit in stage j % kStages.
-  auto k_tile = [&](int tile) { return stage_k(tile % kStages); };
-  auto v_tile = [&](int tile) { return stage_k(tile % kStages) + Cfg::kTileElems; };
-  auto load_k = [&](int tile) {
-    load_tile_rows<T, D, kKeys, kThreads, KvLayout>(k_tile(tile), k_base, s_row[tile % kRowSlots]);
-  };
-  auto load_v = [&](int tile) {
-    load_tile_rows<T, D, kKeys, kThreads, KvLayout>(v_tile(tile), v_base, s_row[tile % kRowSlots]);
+  auto load_tile = [&](int tile) {
+    T* s_k = stage_k(tile % kStages);
+    load_kv_tile<T, D, kKeys, kThreads, KvLayout>(s_k, s_k + Cfg::kTileElems, k_base, v_base,
+                                                  s_row[tile % kRowSlots]);
   };
 
   if (tid < kKeys) {
-#pragma unroll
-    for (int i = 0; i < kRowSlots; ++i) s_row[i][tid] = row_offset(i);
+    s_row[0][tid] = row_offset(0);
+    s_row[1][tid] = row_offset(1);
   }
   __syncthreads();
-  // The first kStages - 1 tiles' K and V, one cp.async group per tile.
-#pragma unroll
-  for (int tile = 0; tile < kStages - 1; ++tile) {
-    if (tile < num_tiles) {
-      load_k(tile);
-      load_v(tile);
-    }
-    cp_async_commit();
-  }
+  if (num_tiles > 0) load_tile(0);
+  cp_async_commit();
 
   // Query rows -> s_q (zeros past the valid rows), RoPE applied pairwise on the way.
   for (int i = tid; i < kRows * (kChunks / 2); i += kThreads) {
@@ -167,128 +153,49 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  // The variant, masks and softmax exponentials of a tile's scores s.
-  auto softmax_tile = [&](float(&s)[kKeys / 8][4], int tile, bool keys_missing, float(&scale)[2]) {
-    // Per-element masks only on tiles that need them (the causal diagonal,
-    // window edges, missing keys, custom masks).
-    const int first = kv_lo + tile * kKeys;
-    const bool masked = keys_missing || p.custom_mask != nullptr ||
-                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
-    const int64_t* key_rows = s_row[tile % kRowSlots];
-    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
-      if (!my_valid[i] || key_rows[key] < 0) return false;
-      if (p.custom_mask == nullptr) return true;
-      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
-      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
-    });
-    online_softmax_exp(s, m, l, scale);
-  };
-  // P's C fragments are the A fragments of P V, 16 keys per k-step.
-  auto pack_p = [&](const float(&s)[kKeys / 8][4], uint32_t(&p_frag)[kKeys / 16][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-  };
-  // After a tile's cp.async group has landed: visible to every warp (and to
-  // wgmma), RoPE applied to its keys; returns whether any of its keys is missing.
-  auto tile_landed = [&](int tile) {
-    if constexpr (kHopper) fence_async_shared();
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<0>();
+    if constexpr (kHopper) fence_async_shared();  // cp.async and st.shared data, read by wgmma
+    // Tile landed (and s_q written); every warp is done with the other stage.
+    // The barrier also tells whether any key of this tile is missing.
     const bool keys_missing = __syncthreads_or(tid < kKeys && s_row[tile % kRowSlots][tid] < 0);
-    if (var.rope && tile < num_tiles) {
-      rotate_key_tile<T, D, kKeys, kThreads, KvLayout>(k_tile(tile), kv_lo + tile * kKeys, var);
+    if (tile + 1 < num_tiles) load_tile(tile + 1);
+    cp_async_commit();
+    const int64_t next_row = tid < kKeys ? row_offset(tile + 2) : -1;
+    if constexpr (kQInRegisters) {
+      if (tile == 0) {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
+      }
+    }
+    const int first = kv_lo + tile * kKeys;
+    T* s_kt = stage_k(tile % kStages);
+    const T* s_vt = s_kt + Cfg::kTileElems;
+    if (var.rope) {
+      rotate_key_tile<T, D, kKeys, kThreads, KvLayout>(s_kt, first, var);
       if constexpr (kHopper) fence_async_shared();
       __syncthreads();
     }
-    return keys_missing;
-  };
 
-  float s[kKeys / 8][4];
-  uint32_t p_frag[kKeys / 16][4];
-  float scale[2];
-  if constexpr (kHopper) {
-    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while
-    // the tensor cores run O += P_t V_t, the warps compute the softmax of
-    // S_{t+1}, whose wgmma was issued just before. Iteration t needs tiles t
-    // (V) and t + 1 (K) and keeps the next two tiles' loads in flight.
-    const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
-    auto issue_s = [&](int tile) {  // S = Q K_tile^T, 16 of D per step
+    // S = Q K^T: this warp's 16 rows x kKeys keys.
+    float s[kKeys / 8][4];
+    if constexpr (kHopper) {
+      // Each warpgroup: its 64 rows of s_q against the tile, 16 of D per step.
+      const T* q_rows = s_q + (warp / 4) * 64 * 64;
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       wgmma_fence();
       wgmma_fence_operands(s);
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         const int block = ks / 4, within = (ks % 4) * 16;
         wgmma_ss<T, kKeys>(s, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                           wgmma_desc(k_tile(tile) + block * kKeys * 64 + within, 16, 1024), ks > 0);
+                           wgmma_desc(s_kt + block * kKeys * 64 + within, 16, 1024), ks > 0);
       }
       wgmma_commit();
-    };
-    if (num_tiles > 0) {
-      cp_async_wait<kStages - 2>();  // tile 0
-      const bool keys_missing = tile_landed(0);
-      issue_s(0);
       wgmma_wait<0>();
       wgmma_fence_operands(s);
-      softmax_tile(s, 0, keys_missing, scale);  // o is still zero: no rescale
-      pack_p(s, p_frag);
-    }
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      const bool has_next = tile + 1 < num_tiles;
-      cp_async_wait<kStages - 3>();  // tile + 1
-      const bool next_missing = tile_landed(tile + 1);
-      if (tile + kStages - 1 < num_tiles) {  // into the stage of tile - 1, now free
-        load_k(tile + kStages - 1);
-        load_v(tile + kStages - 1);
-      }
-      cp_async_commit();
-      const int64_t next_row = tid < kKeys ? row_offset(tile + kStages) : -1;
-      // (Issued on the last tile too, over a stale stage, so that the wgmma
-      // groups are the same on every path: ptxas then keeps them in flight.)
-      issue_s(tile + 1);
-      // V [keys][D] is N-major for P V: 64-column blocks kKeys rows apart.
-      wgmma_fence();
-      wgmma_fence_operands(o);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_tile(tile) + kk * 16 * 64, kKeys * 64 * 2, 1024));
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // S_{tile+1} done; P V may still run
-      wgmma_fence_operands(s);
-      if (has_next) softmax_tile(s, tile + 1, next_missing, scale);
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-      if (has_next) {
-        rescale_rows(o, scale);
-        pack_p(s, p_frag);
-      }
-      // This iteration reads the slots of tiles tile + 1 and tile + kStages - 1 only.
-      if (tid < kKeys) s_row[(tile + kStages) % kRowSlots][tid] = next_row;
-    }
-  } else {
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      cp_async_wait<0>();
-      // Tile landed (and s_q written); every warp is done with the other stage.
-      const bool keys_missing = tile_landed(tile);
-      if (tile + 1 < num_tiles) {
-        load_k(tile + 1);
-        load_v(tile + 1);
-      }
-      cp_async_commit();
-      const int64_t next_row = tid < kKeys ? row_offset(tile + 2) : -1;
-      if constexpr (kQInRegisters) {
-        if (tile == 0) {
-#pragma unroll
-          for (int ks = 0; ks < D / 16; ++ks) load_q_frag(q_frag[ks], ks);
-        }
-      }
-      const T* s_kt = k_tile(tile);
-      const T* s_vt = v_tile(tile);
-
-      // S = Q K^T: this warp's 16 rows x kKeys keys.
+    } else {
 #pragma unroll
       for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
@@ -305,11 +212,42 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
           mma_16816<T>(s[2 * n2 + 1], a, b[2], b[3]);
         }
       }
-      softmax_tile(s, tile, keys_missing, scale);
-      rescale_rows(o, scale);
-      pack_p(s, p_frag);
+    }
 
-      // O += P V.
+    // Variant logits; per-element masks only on tiles that need them (the
+    // causal diagonal, window edges, missing keys, custom masks).
+    const bool masked = keys_missing || p.custom_mask != nullptr ||
+                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
+    const int64_t* key_rows = s_row[tile % kRowSlots];
+    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
+      if (!my_valid[i] || key_rows[key] < 0) return false;
+      if (p.custom_mask == nullptr) return true;
+      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
+      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
+    });
+    online_softmax_step(s, m, l, o);
+
+    // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
+    uint32_t p_frag[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    if constexpr (kHopper) {
+      // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
+      wgmma_fence();
+      wgmma_fence_operands(o);
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(s_vt + kk * 16 * 64, kKeys * 64 * 2, 1024));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+    } else {
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
 #pragma unroll
@@ -321,9 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
           mma_16816<T>(o[2 * dt2 + 1], p_frag[kk], b[2], b[3]);
         }
       }
-      // This iteration reads the slots of tiles tile and tile + 1 only.
-      if (tid < kKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
     }
+    if (tid < kKeys) s_row[(tile + 2) % kRowSlots][tid] = next_row;
   }
   cp_async_wait<0>();
 

@@ -10,7 +10,7 @@
 #   device run: command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600
 # Optional, to narrow the run: PYTEST_K="prefill or cascade" (a pytest -k expression),
 # PYTEST_ARGS (more pytest arguments, no spaces inside one), BENCH="decode" (benchmarks
-# to run; " " for none), SKIP_SANITIZER=1.
+# to run; " " for none), BENCH_ARGS (e.g. --quick), SKIP_SANITIZER=1.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxinfer-out}
 mkdir -p "$OUT"
@@ -51,7 +51,7 @@ if [ -z "${SKIP_SANITIZER:-}" ]; then
 fi
 
 for b in ${BENCH:-merge decode prefill cascade sampling}; do
-  (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT") > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
+  (cd benchmarks && env -u PYTHONSAFEPATH python3 "$b.py" --out "$OUT" ${BENCH_ARGS:-}) > "$OUT/bench_$b.log" 2>&1 || tail -30 "$OUT/bench_$b.log"
 done
 echo "=========================== summary ==========================="
 cat "$OUT"/*.md 2>/dev/null
