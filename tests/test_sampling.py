@@ -126,9 +126,10 @@ def test_edge_cases():
 def test_renorm_and_mask_match_the_reference():
     probs = jnp.asarray(RNG.random((8, 100)), jnp.float32)
     probs = probs / probs.sum(-1, keepdims=True)
-    np.testing.assert_allclose(sampling.top_k_renorm_probs(probs, 7), reference.top_k_renorm_probs(probs, 7))
-    np.testing.assert_allclose(sampling.top_p_renorm_probs(probs, 0.3), reference.top_p_renorm_probs(probs, 0.3))
-    np.testing.assert_allclose(sampling.min_p_renorm_probs(probs, 0.5), reference.min_p_renorm_probs(probs, 0.5))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5)  # kernels sum in another order
+    close(sampling.top_k_renorm_probs(probs, 7), reference.top_k_renorm_probs(probs, 7))
+    close(sampling.top_p_renorm_probs(probs, 0.3), reference.top_p_renorm_probs(probs, 0.3))
+    close(sampling.min_p_renorm_probs(probs, 0.5), reference.min_p_renorm_probs(probs, 0.5))
     logits = jnp.log(probs)
     np.testing.assert_array_equal(sampling.top_k_mask_logits(logits, 3), reference.top_k_mask_logits(logits, 3))
     np.testing.assert_allclose(sampling.softmax(logits, 2.0), reference.softmax(logits, 2.0))
