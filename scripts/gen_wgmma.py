@@ -1,4 +1,8 @@
-# Writes csrc/wgmma.cuh: the wgmma shapes the Hopper prefill path uses.
+"""Prints the wgmma specialisations of csrc/wgmma.cuh (the part after its
+"Generated:" line): m64nNk16 with fp32 accumulators, bf16 and fp16, for the
+shapes the Hopper prefill path uses. Their operand lists are too long to
+write by hand: python3 scripts/gen_wgmma.py
+"""
 def regs(n):  # accumulator operand list for m64nN f32: N/2 registers as d[N/8][4]
     return ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(n // 2))
 
@@ -11,7 +15,7 @@ for n in (64, 128):
     for t, ptx in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
         out.append(f'''template <>
 __device__ __forceinline__ void wgmma_ss<{t}, {n}>(float (&d)[{n // 8}][4], uint64_t a, uint64_t b, int scale_d) {{
-  asm volatile(
+  JAXINFER_SM90A(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{placeholders(0, k)}}}, %{k}, %{k + 1}, p, 1, 1, 0, 0;\\n}}\\n"
       : {regs(n)}
@@ -20,7 +24,7 @@ __device__ __forceinline__ void wgmma_ss<{t}, {n}>(float (&d)[{n // 8}][4], uint
 ''')
         out.append(f'''template <>
 __device__ __forceinline__ void wgmma_rs<{t}, {n}>(float (&d)[{n // 8}][4], const uint32_t (&a)[4], uint64_t b) {{
-  asm volatile(
+  JAXINFER_SM90A(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 5}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{placeholders(0, k)}}}, {{%{k}, %{k + 1}, %{k + 2}, %{k + 3}}}, %{k + 4}, p, 1, 1, 1;\\n}}\\n"
       : {regs(n)}
