@@ -23,11 +23,13 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "csrc/attention_tile.cuh"
 #include "csrc/merge_state.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
+#include "csrc/prefill_ws.cuh"
 #include "csrc/vec.cuh"
 #include "csrc/wgmma.cuh"
 
@@ -318,13 +320,31 @@ inline bool use_hopper_path(int head_dim) {
   return major[device & 63] == 9 && head_dim <= 128;
 }
 
+// Opt-in while it is a prototype: JAXINFER_PREFILL_WS=1 (read once).
+inline bool use_warp_specialized(const PrefillParams& p) {
+  static const bool on = [] {
+    const char* v = std::getenv("JAXINFER_PREFILL_WS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on && !p.variant.rope;
+}
+
 template <typename T, int D, bool kHopper>
 cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
   using namespace prefill_detail;
+  const dim3 grid(p.num_kv_heads, p.num_items);
+  if constexpr (kHopper) {
+    if (use_warp_specialized(p)) {
+      constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D>;
+      constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
+      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
+      if (p.num_items > 0) kernel<<<grid, prefill_ws_detail::kThreads, smem, stream>>>(p);
+    }
+  }
   constexpr auto kernel = prefill_kernel<T, D, kHopper>;
   constexpr size_t smem = Config<D, kHopper>::kSmem;
   if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-  if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), kThreads, smem, stream>>>(p);
+  if (p.num_items > 0 && !(kHopper && use_warp_specialized(p))) kernel<<<grid, kThreads, smem, stream>>>(p);
   if (p.partial_o != nullptr) {
     launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, D}, static_cast<T*>(p.o),
                  p.lse, p.total_q * p.num_qo_heads, D, p.num_splits, stream, /*after_writer=*/p.num_items > 0);
