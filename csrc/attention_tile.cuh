@@ -81,19 +81,19 @@ __device__ __forceinline__ void rotate_key_tile(T* tile, int first_pos, const At
 // the thread's rows at q_pos[2], heads head[2]. With masked, elements where
 // !var.visible or !allowed(i, column) (i = 0, 1: the row) become -inf; the
 // caller passes masked = false for tiles every row sees entirely, which then
-// cost one multiply per element. Branches here are uniform across the warp.
+// cost nothing here. Branches here are uniform across the warp.
+//
+// Returns the factor that turns s into base-2 logits, for the softmax to fold
+// into its exponent: the plain scale sm_scale * log2(e) (a max commutes with a
+// positive factor), or 1 where s already holds the variant's logits.
 template <int kNTiles, typename Allowed>
-__device__ __forceinline__ void apply_variant(float (&s)[kNTiles][4], const AttentionVariant& var, bool masked,
-                                              int first_key, const int (&q_pos)[2], const int (&head)[2],
-                                              Allowed allowed) {
+__device__ __forceinline__ float apply_variant(float (&s)[kNTiles][4], const AttentionVariant& var, bool masked,
+                                               int first_key, const int (&q_pos)[2], const int (&head)[2],
+                                               Allowed allowed) {
   const int tig = threadIdx.x % 4;
-  if (var.plain_logits()) {
-    const float scale = var.sm_scale * AttentionVariant::kLog2e;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[nt][j] *= scale;
-    }
+  float logit_scale = 1.f;
+  if (var.plain_logits() && var.sm_scale > 0.f) {
+    logit_scale = var.sm_scale * AttentionVariant::kLog2e;
   } else {
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
@@ -104,7 +104,7 @@ __device__ __forceinline__ void apply_variant(float (&s)[kNTiles][4], const Atte
       }
     }
   }
-  if (!masked) return;
+  if (!masked) return logit_scale;
 #pragma unroll
   for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -114,18 +114,28 @@ __device__ __forceinline__ void apply_variant(float (&s)[kNTiles][4], const Atte
       s[nt][j] = ok ? s[nt][j] : -INFINITY;
     }
   }
+  return logit_scale;
+}
+
+// 2^x on the MUFU unit with denormal results flushed to zero: exp2f's
+// denormal-safe form costs three more instructions per element, and a
+// probability below 2^-126 of the row's maximum is zero after normalisation.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // One tile's online-softmax step for the two rows a thread holds in m16n8 C
 // fragments (row gid: elements 0, 1 of each n-tile; row gid + 8: elements 2,
-// 3; a row's 4 owners are the lanes of one quad). s holds the tile's masked
-// base-2 logits (-inf = masked) and leaves as unnormalised probabilities;
-// the running max m and this lane's share of the sums l are updated, and the
-// output accumulators o rescaled to the new max.
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4]) {
-  float scale[2];
+// 3; a row's 4 owners are the lanes of one quad). s * logit_scale are the
+// tile's base-2 logits (-inf = masked); s leaves as unnormalised
+// probabilities, the running max m and this lane's share of the sums l are
+// updated, and row_scale[r] is the factor by which the output accumulators of
+// row r must be rescaled to the new max (rescale_rows).
+template <int kNTiles>
+__device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                               float logit_scale, float (&row_scale)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float row_max = -INFINITY;
@@ -133,25 +143,37 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], floa
     for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
     row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
-    const float m_new = fmaxf(m[r], row_max);
+    const float m_new = fmaxf(m[r], row_max * logit_scale);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-    scale[r] = exp2f(m[r] - m_use);
+    row_scale[r] = fast_exp2(m[r] - m_use);
     m[r] = m_new;
-    l[r] *= scale[r];
+    l[r] *= row_scale[r];
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
-      s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
+      s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], logit_scale, -m_use));
+      s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], logit_scale, -m_use));
       l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
   }
+}
+
+template <int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&row_scale)[2]) {
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
-    o[dt][0] *= scale[0];
-    o[dt][1] *= scale[0];
-    o[dt][2] *= scale[1];
-    o[dt][3] *= scale[1];
+    o[dt][0] *= row_scale[0];
+    o[dt][1] *= row_scale[0];
+    o[dt][2] *= row_scale[1];
+    o[dt][3] *= row_scale[1];
   }
+}
+
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
+  float row_scale[2];
+  softmax_update(s, m, l, logit_scale, row_scale);
+  rescale_rows(o, row_scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

@@ -221,13 +221,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     const bool masked = keys_missing || p.custom_mask != nullptr ||
                         !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
     const int64_t* key_rows = s_row[tile % kRowSlots];
-    apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
+    const float logit_scale = apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
       if (!my_valid[i] || key_rows[key] < 0) return false;
       if (p.custom_mask == nullptr) return true;
       const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
       return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
     });
-    online_softmax_step(s, m, l, o);
+    online_softmax_step(s, m, l, o, logit_scale);
 
     // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
     uint32_t p_frag[kKeys / 16][4];

@@ -1,17 +1,18 @@
-// Warp-specialised Hopper prefill (sm_90a), a prototype beside the Hopper
-// path of csrc/prefill.cuh: the same work items, tiles, layouts, wgmma calls
-// and softmax, but the loads move to a producer warp and the CTA-wide barrier
-// per tile goes away.
+// Warp-specialised Hopper prefill (sm_90a), beside the Hopper path of
+// csrc/prefill.cuh: the same work items, tiles, layouts, wgmma calls and
+// softmax, but the loads move to producer warps and no barrier spans the CTA.
 //
-//   warps 0-7 (two warpgroups of 64 rows): wait for a stage to be full, S =
-//     Q K^T, variant + softmax, O += P V, then mark the stage empty. The two
-//     warpgroups never wait for each other, so one's softmax overlaps the
-//     other's MMAs.
-//   warps 8-11 (producer warpgroup): resolve the tile's key rows (page-table
-//     reads), then copy K and V with cp.async into a free stage; the stage's
-//     full barrier completes when its copies have landed. setmaxnreg moves
+//   warps 8-11 (producer warpgroup): per tile, resolve the key rows (page-table
+//     reads), then copy K and then V with cp.async into a free stage; each of
+//     a stage's K and V has its own full / empty barrier pair, so the next K
+//     loads as soon as the scores of the last one are done. setmaxnreg moves
 //     registers from this warpgroup (40) to the consumers (232): 384 threads
 //     start at 168 each.
+//   warps 0-7 (two consumer warpgroups of 64 rows): per tile, issue S = Q K^T
+//     of this tile together with O += P V of the previous one, then run the
+//     variant and softmax of this tile while those MMAs run. The warpgroups
+//     take turns at issuing (ping-pong, two named barriers), so one's softmax
+//     runs under the other's MMAs.
 //
 // Not for RoPE (the key tile would need rotating between the copy and the
 // MMA); the launcher uses the barrier-synchronised kernel then.
@@ -45,8 +46,8 @@ struct Layout {
   static constexpr int kK = kRows * D;
   static constexpr int kV = kK + kStages * kTileElems;
   static constexpr int kEnd = kV + kStages * kTileElems;
-  // Then: key row offsets [kStages][kKeys] int64, missing flags [kStages], barriers.
-  static constexpr size_t kSmem = size_t(kEnd) * 2 + kStages * kKeys * 8 + 64 + 1024;
+  // Then: key row offsets [kStages][kKeys] int64, missing flags [kStages] (+ pad), barriers [4][kStages].
+  static constexpr size_t kSmem = size_t(kEnd) * 2 + kStages * kKeys * 8 + 2 * kStages * 4 + 4 * kStages * 8 + 1024;
 };
 
 template <typename T, int D>
@@ -62,8 +63,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   auto v_stage = [&](int s) { return smem + L::kV + s * L::kTileElems; };
   int64_t(*s_rows)[kKeys] = reinterpret_cast<int64_t(*)[kKeys]>(smem + L::kEnd);
   int32_t* s_missing = reinterpret_cast<int32_t*>(s_rows + kStages);  // [kStages]
-  uint64_t* full = reinterpret_cast<uint64_t*>(s_missing + 2 * kStages);  // 8-byte aligned
-  uint64_t* empty = full + kStages;
+  uint64_t* k_full = reinterpret_cast<uint64_t*>(s_missing + 2 * kStages);  // 8-byte aligned
+  uint64_t* k_empty = k_full + kStages;
+  uint64_t* v_full = k_empty + kStages;
+  uint64_t* v_empty = v_full + kStages;
 
   const int32_t* f = p.items + int64_t(blockIdx.y) * kPfItemFields;
   if (f[kPfRequest] < 0) return;  // padding item
@@ -91,8 +94,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], kProducers);         // every producer thread
-      mbarrier_init(&empty[s], kConsumers / 32);  // one arrival per consumer warp
+      mbarrier_init(&k_full[s], kProducers);  // every producer thread
+      mbarrier_init(&v_full[s], kProducers);
+      mbarrier_init(&k_empty[s], kConsumers / 32);  // one arrival per consumer warp
+      mbarrier_init(&v_empty[s], kConsumers / 32);
     }
     mbarrier_init_fence();
   }
@@ -113,15 +118,30 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
 
   if (tid >= kConsumers) {
     // Producer: tile t into stage t % kStages once the consumers have released
-    // its previous tile. Thread i resolves key row i; then each thread copies
-    // 16-byte chunk i % kChunks of rows i / kChunks + j * (kProducers / kChunks).
+    // the stage's previous K (then V). Thread i resolves key row i; then each
+    // thread copies 16-byte chunk i % kChunks of rows i / kChunks + j * (kProducers / kChunks).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");  // registers to the consumers
     const int i = tid - kConsumers;
     const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
     const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
+    static_assert(kProducers % kChunks == 0, "producers cover whole rows");
+    constexpr int kRowsPerPass = kProducers / kChunks;
+    const int chunk = i % kChunks;
+    auto copy_tile = [&](T* dst, const T* src, const int64_t* rows, uint64_t* full) {
+#pragma unroll 4
+      for (int row = i / kChunks; row < kKeys; row += kRowsPerPass) {
+        const int64_t offset = rows[row];
+        const bool ok = offset >= 0;
+        cp_async_16(dst + KvLayout::at(row, chunk), src + (ok ? offset + chunk * 8 : 0), ok);
+      }
+      mbarrier_arrive_on_cp_async(full);  // completes once the copies have landed
+      mbarrier_arrive(full);
+    };
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int s = tile % kStages;
-      if (tile >= kStages) mbarrier_wait(&empty[s], ((tile / kStages) - 1) & 1);
+      const uint32_t reuse_parity = ((tile / kStages) - 1) & 1;
+      if (tile >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
+      // The consumers also read s_rows[s] and s_missing[s] (masks) before releasing K.
       const int pos = kv_lo + tile * kKeys + i;
       const int64_t offset = pos < kv_hi ? p.kv.row_offset(kv_begin, kv_end, pos) : -1;
       s_rows[s][i] = offset;
@@ -134,19 +154,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
           : "r"(int(offset < 0)), "n"(kProducers)
           : "memory");
       if (i == 0) s_missing[s] = missing;
-      static_assert(kProducers % kChunks == 0, "producers cover whole rows");
-      constexpr int kRowsPerPass = kProducers / kChunks;
-      const int chunk = i % kChunks;
-#pragma unroll 4
-      for (int row = i / kChunks; row < kKeys; row += kRowsPerPass) {
-        const int64_t row_offset = s_rows[s][row];
-        const bool ok = row_offset >= 0;
-        const int dst = KvLayout::at(row, chunk);
-        cp_async_16(k_stage(s) + dst, k_base + (ok ? row_offset + chunk * 8 : 0), ok);
-        cp_async_16(v_stage(s) + dst, v_base + (ok ? row_offset + chunk * 8 : 0), ok);
-      }
-      mbarrier_arrive_on_cp_async(&full[s]);
-      mbarrier_arrive(&full[s]);
+      copy_tile(k_stage(s), k_base, s_rows[s], &k_full[s]);
+      if (tile >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
+      copy_tile(v_stage(s), v_base, s_rows[s], &v_full[s]);
     }
     return;
   }
@@ -165,41 +175,70 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   }
   const int warp_rows = max(min(16, rows - warp * 16), 1);
   const int warp_pos_lo = q_pos_of(warp * 16), warp_pos_hi = q_pos_of(warp * 16 + warp_rows - 1);
-  const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
 
+  const int wg = warp / 4;
+  const T* q_rows = s_q + wg * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    const int s = tile % kStages;
-    mbarrier_wait(&full[s], (tile / kStages) & 1);
-    fence_async_shared();
+  uint32_t p_frag[kKeys / 16][4];  // the last tile's probabilities, the A operand of P V
 
-    float sc[kKeys / 8][4];
+  auto wait_full = [&](uint64_t* full, int tile) {
+    mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
+    fence_async_shared();  // the cp.async (generic proxy) data, now read by wgmma
+  };
+  auto release = [&](uint64_t* empty, int tile) {
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[tile % kStages]);  // this warp is done with it
+  };
+  // Ping-pong: named barrier 2 + w means "warpgroup w may issue its MMAs".
+  auto wait_turn = [&] { named_barrier_sync(2 + wg, kConsumers); };
+  auto pass_turn = [&] { named_barrier_arrive(2 + (1 - wg), kConsumers); };
+  auto issue_scores = [&](float (&sc)[kKeys / 8][4], int tile) {
+    const T* k_tile = k_stage(tile % kStages);
+#pragma unroll
+    for (int nt = 0; nt < kKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
     wgmma_fence();
     wgmma_fence_operands(sc);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const int block = ks / 4, within = (ks % 4) * 16;
       wgmma_ss<T, kKeys>(sc, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                         wgmma_desc(k_stage(s) + block * kKeys * 64 + within, 16, 1024), ks > 0);
+                         wgmma_desc(k_tile + block * kKeys * 64 + within, 16, 1024), ks > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  auto issue_pv = [&](int tile) {
+    // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
+    const T* v_tile = v_stage(tile % kStages);
+    wgmma_fence();
+    wgmma_fence_operands(o);
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_tile + kk * 16 * 64, kKeys * 64 * 2, 1024));
+    }
+    wgmma_commit();
+  };
+  // Variant, masks and softmax of tile `tile`'s finished scores; releases its K.
+  auto softmax = [&](float (&sc)[kKeys / 8][4], int tile, float (&row_scale)[2]) {
     wgmma_fence_operands(sc);
-
+    const int s = tile % kStages;
     const int first = kv_lo + tile * kKeys;
     const bool masked = s_missing[s] != 0 || p.custom_mask != nullptr ||
                         !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
     const int64_t* key_rows = s_rows[s];
-    apply_variant(sc, var, masked, first, my_pos, my_head, [&](int i, int key) {
+    const float logit_scale = apply_variant(sc, var, masked, first, my_pos, my_head, [&](int i, int key) {
       if (!my_valid[i] || key_rows[key] < 0) return false;
       if (p.custom_mask == nullptr) return true;
       const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
       return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
     });
-    online_softmax_step(sc, m, l, o);
-
-    uint32_t p_frag[kKeys / 16][4];
+    release(k_empty, tile);
+    softmax_update(sc, m, l, logit_scale, row_scale);
+    // Pins the softmax here: the compiler would otherwise sink it past the
+    // wait for P V that follows, losing the overlap.
+    wgmma_fence_operands(sc);
+  };
+  auto to_p_frag = [&](const float (&sc)[kKeys / 8][4]) {
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       p_frag[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
@@ -207,18 +246,47 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
       p_frag[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
       p_frag[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
     }
-    wgmma_fence();
-    wgmma_fence_operands(o);
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_stage(s) + kk * 16 * 64, kKeys * 64 * 2, 1024));
+  };
+
+  // The MMAs issue unconditionally inside each phase (ptxas serialises wgmmas
+  // whose issue it cannot prove), hence the peeled first and last tiles.
+  if (wg == 1) pass_turn();  // warpgroup 0 issues first
+  if (num_tiles > 0) {
+    {
+      float sc[kKeys / 8][4], row_scale[2];
+      wait_full(k_full, 0);
+      wait_turn();
+      issue_scores(sc, 0);
+      pass_turn();
+      wgmma_wait<0>();
+      softmax(sc, 0, row_scale);  // o is still zero: nothing to rescale
+      to_p_frag(sc);
     }
-    wgmma_commit();
+    for (int tile = 1; tile < num_tiles; ++tile) {
+      float sc[kKeys / 8][4], row_scale[2];
+      wait_full(k_full, tile);
+      wait_full(v_full, tile - 1);
+      wait_turn();
+      issue_scores(sc, tile);
+      issue_pv(tile - 1);
+      pass_turn();
+      wgmma_wait<1>();  // the scores; P V of the last tile may still run
+      softmax(sc, tile, row_scale);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      wgmma_fence_operands(p_frag);
+      release(v_empty, tile - 1);
+      rescale_rows(o, row_scale);
+      to_p_frag(sc);
+    }
+    wait_full(v_full, num_tiles - 1);
+    wait_turn();
+    issue_pv(num_tiles - 1);
+    pass_turn();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(&empty[s]);  // this warp is done with the stage
   }
+  if (wg == 0) wait_turn();  // takes warpgroup 1's last hand-over: the barrier ends idle
 
   // Normalise and write this thread's two rows, as csrc/prefill.cuh does.
   const int split = min(max(f[kPfSplit], 0), p.num_splits - 1);
