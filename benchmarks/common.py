@@ -76,6 +76,8 @@ def parse_args(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the markdown table")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--only-jaxinfer", action="store_true",
+                   help="skip the competitors (for A/B runs of jaxinfer's own kernels)")
     return p.parse_args()
 
 

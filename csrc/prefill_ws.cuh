@@ -50,7 +50,9 @@ struct Layout {
   static constexpr size_t kSmem = size_t(kEnd) * 2 + kStages * kKeys * 8 + 2 * kStages * 4 + 4 * kStages * 8 + 1024;
 };
 
-template <typename T, int D>
+// kOverlap: S of tile t and P V of tile t - 1 issue together, the softmax of t
+// runs under P V. kPingPong: the warpgroups take turns at issuing.
+template <typename T, int D, bool kOverlap, bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillParams p) {
   using L = Layout<D>;
   using QLayout = BlockSwizzle<kRows>;
@@ -191,8 +193,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     if (lane == 0) mbarrier_arrive(&empty[tile % kStages]);  // this warp is done with it
   };
   // Ping-pong: named barrier 2 + w means "warpgroup w may issue its MMAs".
-  auto wait_turn = [&] { named_barrier_sync(2 + wg, kConsumers); };
-  auto pass_turn = [&] { named_barrier_arrive(2 + (1 - wg), kConsumers); };
+  auto wait_turn = [&] {
+    if constexpr (kPingPong) named_barrier_sync(2 + wg, kConsumers);
+  };
+  auto pass_turn = [&] {
+    if constexpr (kPingPong) named_barrier_arrive(2 + (1 - wg), kConsumers);
+  };
   auto issue_scores = [&](float (&sc)[kKeys / 8][4], int tile) {
     const T* k_tile = k_stage(tile % kStages);
 #pragma unroll
@@ -251,7 +257,25 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   // The MMAs issue unconditionally inside each phase (ptxas serialises wgmmas
   // whose issue it cannot prove), hence the peeled first and last tiles.
   if (wg == 1) pass_turn();  // warpgroup 0 issues first
-  if (num_tiles > 0) {
+  if (!kOverlap) {
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      float sc[kKeys / 8][4], row_scale[2];
+      wait_full(k_full, tile);
+      wait_turn();
+      issue_scores(sc, tile);
+      pass_turn();
+      wgmma_wait<0>();
+      softmax(sc, tile, row_scale);
+      rescale_rows(o, row_scale);
+      to_p_frag(sc);
+      wait_full(v_full, tile);
+      issue_pv(tile);
+      wgmma_wait<0>();
+      wgmma_fence_operands(o);
+      wgmma_fence_operands(p_frag);
+      release(v_empty, tile);
+    }
+  } else if (num_tiles > 0) {
     {
       float sc[kKeys / 8][4], row_scale[2];
       wait_full(k_full, 0);
