@@ -19,8 +19,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // Copies 16 bytes, or writes 16 zero bytes when !valid (src is then not read).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+  // ignore-src zero-fills without reading; it avoids the src-size register's
+  // arithmetic that the form with a 0 / 16 byte count costs per copy.
+  asm volatile(
+      "{\n.reg .pred skip;\nsetp.eq.u32 skip, %2, 0;\n"
+      "cp.async.cg.shared.global [%0], [%1], 16, skip;\n}\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(int(valid)));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>

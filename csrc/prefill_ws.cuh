@@ -6,7 +6,7 @@
 //     reads), then copy K and then V with cp.async into a free stage; each of
 //     a stage's K and V has its own full / empty barrier pair, so the next K
 //     loads as soon as the scores of the last one are done. setmaxnreg moves
-//     registers from this warpgroup (40) to the consumers (232): 384 threads
+//     registers from this warpgroup (56) to the consumers (224): 384 threads
 //     start at 168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per tile, issue S = Q K^T
 //     of this tile together with O += P V of the previous one, then run the
@@ -59,7 +59,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   using KvLayout = BlockSwizzle<kKeys>;
   constexpr int kChunks = D / 8;
   extern __shared__ uint8_t smem_raw[];
-  T* smem = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned by an offset from smem_raw, so the compiler still knows every
+  // pointer below is shared memory (LDS, not generic loads).
+  T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
   T* s_q = smem + L::kQ;
   auto k_stage = [&](int s) { return smem + L::kK + s * L::kTileElems; };
   auto v_stage = [&](int s) { return smem + L::kV + s * L::kTileElems; };
@@ -122,20 +124,24 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     // Producer: tile t into stage t % kStages once the consumers have released
     // the stage's previous K (then V). Thread i resolves key row i; then each
     // thread copies 16-byte chunk i % kChunks of rows i / kChunks + j * (kProducers / kChunks).
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");  // registers to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");  // registers to the consumers
     const int i = tid - kConsumers;
     const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
     const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
     static_assert(kProducers % kChunks == 0, "producers cover whole rows");
     constexpr int kRowsPerPass = kProducers / kChunks;
+    static_assert(kRowsPerPass % 8 == 0, "a thread's rows share row % 8, hence one swizzle");
     const int chunk = i % kChunks;
+    // A missing row (offset -1) copies nothing and zero-fills; its address is never read.
     auto copy_tile = [&](T* dst, const T* src, const int64_t* rows, uint64_t* full) {
-#pragma unroll 4
-      for (int row = i / kChunks; row < kKeys; row += kRowsPerPass) {
-        const int64_t offset = rows[row];
-        const bool ok = offset >= 0;
-        cp_async_16(dst + KvLayout::at(row, chunk), src + (ok ? offset + chunk * 8 : 0), ok);
-      }
+      src += chunk * 8;
+      dst += KvLayout::at(i / kChunks, chunk);  // + 8 rows keeps the swizzle: row % 8 is fixed
+      constexpr int kCopies = kKeys / kRowsPerPass;
+      int64_t offset[kCopies];  // all loads first: each copy then issues without waiting
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) offset[j] = rows[i / kChunks + j * kRowsPerPass];
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) cp_async_16(dst + j * kRowsPerPass * 64, src + offset[j], offset[j] >= 0);
       mbarrier_arrive_on_cp_async(full);  // completes once the copies have landed
       mbarrier_arrive(full);
     };
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     }
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");  // 128 x 56 + 256 x 224 <= 64 K
 
   // Consumers. This thread's two rows (gid and gid + 8 of its warp's 16).
   int my_pos[2], my_head[2], my_token[2];
