@@ -131,11 +131,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 3; a row's 4 owners are the lanes of one quad). s * logit_scale are the
 // tile's base-2 logits (-inf = masked); s leaves as unnormalised
 // probabilities, the running max m and this lane's share of the sums l are
-// updated, and row_scale[r] is the factor by which the output accumulators of
-// row r must be rescaled to the new max (rescale_rows).
-template <int kNTiles>
-__device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                               float logit_scale, float (&row_scale)[2]) {
+// updated, and the output accumulators o rescaled to the new max.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
+  float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float row_max = -INFINITY;
@@ -145,9 +145,9 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m
     row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
     const float m_new = fmaxf(m[r], row_max * logit_scale);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-    row_scale[r] = fast_exp2(m[r] - m_use);
+    scale[r] = fast_exp2(m[r] - m_use);
     m[r] = m_new;
-    l[r] *= row_scale[r];
+    l[r] *= scale[r];
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], logit_scale, -m_use));
@@ -155,25 +155,13 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m
       l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
   }
-}
-
-template <int kDTiles>
-__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&row_scale)[2]) {
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
-    o[dt][0] *= row_scale[0];
-    o[dt][1] *= row_scale[0];
-    o[dt][2] *= row_scale[1];
-    o[dt][3] *= row_scale[1];
+    o[dt][0] *= scale[0];
+    o[dt][1] *= scale[0];
+    o[dt][2] *= scale[1];
+    o[dt][3] *= scale[1];
   }
-}
-
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
-  float row_scale[2];
-  softmax_update(s, m, l, logit_scale, row_scale);
-  rescale_rows(o, row_scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

@@ -1,7 +1,5 @@
-// Synchronisation for warp-specialised kernels (sm_90): shared-memory
-// mbarriers for the full / empty handshake between the producer warps that
-// copy K/V tiles and the consumer warps that use them, and named barriers for
-// hand-overs between warpgroups.
+// Shared-memory mbarriers (sm_90): the full / empty handshake between the
+// producer warps that copy K/V tiles and the consumer warps that use them.
 #pragma once
 #include <cstdint>
 
@@ -42,16 +40,6 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
   }
-}
-
-// Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads, a
-// multiple of 32: sync waits until that many have arrived, arrive does not wait.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace jaxinfer

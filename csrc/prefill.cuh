@@ -23,7 +23,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "csrc/attention_tile.cuh"
 #include "csrc/merge_state.cuh"
@@ -320,41 +319,29 @@ inline bool use_hopper_path(int head_dim) {
   return major[device & 63] == 9 && head_dim <= 128;
 }
 
-// Opt-in while it is a prototype: JAXINFER_PREFILL_WS=1 (overlap and
-// ping-pong), 2 (overlap), 3 (neither); read once.
-inline int warp_specialized_mode(const PrefillParams& p) {
-  static const int mode = [] {
-    const char* v = std::getenv("JAXINFER_PREFILL_WS");
-    return v != nullptr && v[0] >= '1' && v[0] <= '3' ? v[0] - '0' : 0;
-  }();
-  return p.variant.rope ? 0 : mode;
-}
-
-template <typename T, int D, bool kOverlap, bool kPingPong>
-cudaError_t launch_ws(const PrefillParams& p, cudaStream_t stream) {
-  constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D, kOverlap, kPingPong>;
-  constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
-  if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-  if (p.num_items > 0) kernel<<<dim3(p.num_kv_heads, p.num_items), prefill_ws_detail::kThreads, smem, stream>>>(p);
-  return cudaSuccess;
-}
-
+// On sm_90a the warp-specialised kernel runs every variant but RoPE on the
+// fly (its keys would need rotating between the copy and the MMA), which the
+// barrier-synchronised Hopper path keeps.
 template <typename T, int D, bool kHopper>
 cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
   using namespace prefill_detail;
   const dim3 grid(p.num_kv_heads, p.num_items);
-  const int ws = kHopper ? warp_specialized_mode(p) : 0;
+  bool launched = false;
   if constexpr (kHopper) {
-    cudaError_t e = cudaSuccess;
-    if (ws == 1) e = launch_ws<T, D, true, true>(p, stream);
-    if (ws == 2) e = launch_ws<T, D, true, false>(p, stream);
-    if (ws == 3) e = launch_ws<T, D, false, false>(p, stream);
-    if (e != cudaSuccess) return e;
+    if (!p.variant.rope) {
+      constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D>;
+      constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
+      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
+      if (p.num_items > 0) kernel<<<grid, prefill_ws_detail::kThreads, smem, stream>>>(p);
+      launched = true;
+    }
   }
-  constexpr auto kernel = prefill_kernel<T, D, kHopper>;
-  constexpr size_t smem = Config<D, kHopper>::kSmem;
-  if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-  if (p.num_items > 0 && ws == 0) kernel<<<grid, kThreads, smem, stream>>>(p);
+  if (!launched) {
+    constexpr auto kernel = prefill_kernel<T, D, kHopper>;
+    constexpr size_t smem = Config<D, kHopper>::kSmem;
+    if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
+    if (p.num_items > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
+  }
   if (p.partial_o != nullptr) {
     launch_merge(SplitStates{p.partial_o, p.partial_lse, p.num_splits, p.num_qo_heads, D}, static_cast<T*>(p.o),
                  p.lse, p.total_q * p.num_qo_heads, D, p.num_splits, stream, /*after_writer=*/p.num_items > 0);

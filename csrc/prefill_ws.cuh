@@ -8,11 +8,11 @@
 //     loads as soon as the scores of the last one are done. setmaxnreg moves
 //     registers from this warpgroup (56) to the consumers (224): 384 threads
 //     start at 168 each.
-//   warps 0-7 (two consumer warpgroups of 64 rows): per tile, issue S = Q K^T
-//     of this tile together with O += P V of the previous one, then run the
-//     variant and softmax of this tile while those MMAs run. The warpgroups
-//     take turns at issuing (ping-pong, two named barriers), so one's softmax
-//     runs under the other's MMAs.
+//   warps 0-7 (two consumer warpgroups of 64 rows): per tile, wait for K,
+//     S = Q K^T, variant and softmax, release K, wait for V, O += P V, release
+//     V. The warpgroups never wait for each other. (Issuing S of the next
+//     tile with P V of this one, and alternating the warpgroups' MMAs as
+//     FlashAttention-3 does, measured no faster here: benchmarks/NOTES.md.)
 //
 // Not for RoPE (the key tile would need rotating between the copy and the
 // MMA); the launcher uses the barrier-synchronised kernel then.
@@ -50,9 +50,7 @@ struct Layout {
   static constexpr size_t kSmem = size_t(kEnd) * 2 + kStages * kKeys * 8 + 2 * kStages * 4 + 4 * kStages * 8 + 1024;
 };
 
-// kOverlap: S of tile t and P V of tile t - 1 issue together, the softmax of t
-// runs under P V. kPingPong: the warpgroups take turns at issuing.
-template <typename T, int D, bool kOverlap, bool kPingPong>
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillParams p) {
   using L = Layout<D>;
   using QLayout = BlockSwizzle<kRows>;
@@ -184,11 +182,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   const int warp_rows = max(min(16, rows - warp * 16), 1);
   const int warp_pos_lo = q_pos_of(warp * 16), warp_pos_hi = q_pos_of(warp * 16 + warp_rows - 1);
 
-  const int wg = warp / 4;
-  const T* q_rows = s_q + wg * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
+  const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t p_frag[kKeys / 16][4];  // the last tile's probabilities, the A operand of P V
 
   auto wait_full = [&](uint64_t* full, int tile) {
     mbarrier_wait(&full[tile % kStages], (tile / kStages) & 1);
@@ -198,15 +194,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[tile % kStages]);  // this warp is done with it
   };
-  // Ping-pong: named barrier 2 + w means "warpgroup w may issue its MMAs".
-  auto wait_turn = [&] {
-    if constexpr (kPingPong) named_barrier_sync(2 + wg, kConsumers);
-  };
-  auto pass_turn = [&] {
-    if constexpr (kPingPong) named_barrier_arrive(2 + (1 - wg), kConsumers);
-  };
-  auto issue_scores = [&](float (&sc)[kKeys / 8][4], int tile) {
-    const T* k_tile = k_stage(tile % kStages);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int s = tile % kStages;
+    wait_full(k_full, tile);
+    float sc[kKeys / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
     wgmma_fence();
@@ -215,25 +206,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     for (int ks = 0; ks < D / 16; ++ks) {
       const int block = ks / 4, within = (ks % 4) * 16;
       wgmma_ss<T, kKeys>(sc, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                         wgmma_desc(k_tile + block * kKeys * 64 + within, 16, 1024), ks > 0);
+                         wgmma_desc(k_stage(s) + block * kKeys * 64 + within, 16, 1024), ks > 0);
     }
     wgmma_commit();
-  };
-  auto issue_pv = [&](int tile) {
-    // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
-    const T* v_tile = v_stage(tile % kStages);
-    wgmma_fence();
-    wgmma_fence_operands(o);
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_tile + kk * 16 * 64, kKeys * 64 * 2, 1024));
-    }
-    wgmma_commit();
-  };
-  // Variant, masks and softmax of tile `tile`'s finished scores; releases its K.
-  auto softmax = [&](float (&sc)[kKeys / 8][4], int tile, float (&row_scale)[2]) {
+    wgmma_wait<0>();
     wgmma_fence_operands(sc);
-    const int s = tile % kStages;
+
+    // Variant, masks (the producer's row offsets and missing flag), then K is free.
     const int first = kv_lo + tile * kKeys;
     const bool masked = s_missing[s] != 0 || p.custom_mask != nullptr ||
                         !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
@@ -245,12 +224,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
       return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
     });
     release(k_empty, tile);
-    softmax_update(sc, m, l, logit_scale, row_scale);
-    // Pins the softmax here: the compiler would otherwise sink it past the
-    // wait for P V that follows, losing the overlap.
-    wgmma_fence_operands(sc);
-  };
-  auto to_p_frag = [&](const float (&sc)[kKeys / 8][4]) {
+    online_softmax_step(sc, m, l, o, logit_scale);
+
+    // O += P V: P's C fragments are the A fragments; V [keys][D] is N-major
+    // for this product, 64-column blocks kKeys rows apart.
+    uint32_t p_frag[kKeys / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       p_frag[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
@@ -258,65 +236,18 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
       p_frag[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
       p_frag[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
     }
-  };
-
-  // The MMAs issue unconditionally inside each phase (ptxas serialises wgmmas
-  // whose issue it cannot prove), hence the peeled first and last tiles.
-  if (wg == 1) pass_turn();  // warpgroup 0 issues first
-  if (!kOverlap) {
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      float sc[kKeys / 8][4], row_scale[2];
-      wait_full(k_full, tile);
-      wait_turn();
-      issue_scores(sc, tile);
-      pass_turn();
-      wgmma_wait<0>();
-      softmax(sc, tile, row_scale);
-      rescale_rows(o, row_scale);
-      to_p_frag(sc);
-      wait_full(v_full, tile);
-      issue_pv(tile);
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-      wgmma_fence_operands(p_frag);
-      release(v_empty, tile);
+    wait_full(v_full, tile);
+    wgmma_fence();
+    wgmma_fence_operands(o);
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_stage(s) + kk * 16 * 64, kKeys * 64 * 2, 1024));
     }
-  } else if (num_tiles > 0) {
-    {
-      float sc[kKeys / 8][4], row_scale[2];
-      wait_full(k_full, 0);
-      wait_turn();
-      issue_scores(sc, 0);
-      pass_turn();
-      wgmma_wait<0>();
-      softmax(sc, 0, row_scale);  // o is still zero: nothing to rescale
-      to_p_frag(sc);
-    }
-    for (int tile = 1; tile < num_tiles; ++tile) {
-      float sc[kKeys / 8][4], row_scale[2];
-      wait_full(k_full, tile);
-      wait_full(v_full, tile - 1);
-      wait_turn();
-      issue_scores(sc, tile);
-      issue_pv(tile - 1);
-      pass_turn();
-      wgmma_wait<1>();  // the scores; P V of the last tile may still run
-      softmax(sc, tile, row_scale);
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-      wgmma_fence_operands(p_frag);
-      release(v_empty, tile - 1);
-      rescale_rows(o, row_scale);
-      to_p_frag(sc);
-    }
-    wait_full(v_full, num_tiles - 1);
-    wait_turn();
-    issue_pv(num_tiles - 1);
-    pass_turn();
+    wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(o);
+    release(v_empty, tile);
   }
-  if (wg == 0) wait_turn();  // takes warpgroup 1's last hand-over: the barrier ends idle
 
   // Normalise and write this thread's two rows, as csrc/prefill.cuh does.
   const int split = min(max(f[kPfSplit], 0), p.num_splits - 1);

@@ -62,18 +62,6 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kN][4]) {
   }
 }
 
-// The same for A fragments read from registers: fenced after the wait, their
-// registers stay reserved while the wgmma reads them, so code placed between
-// issue and wait cannot take them over (and be held back until the wait).
-template <int kN>
-__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&a)[kN][4]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-  }
-}
-
 template <typename T, int N>
 __device__ void wgmma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, int scale_d);
 template <typename T, int N>
