@@ -179,12 +179,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     }
 
     // S = Q K^T: this warp's 16 rows x kKeys keys.
-    float s[kKeys / 8][4];
+    float s[kKeys / 8][4] = {};
     if constexpr (kHopper) {
       // Each warpgroup: its 64 rows of s_q against the tile, 16 of D per step.
       const T* q_rows = s_q + (warp / 4) * 64 * 64;
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       wgmma_fence();
       wgmma_fence_operands(s);
 #pragma unroll
@@ -197,8 +195,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       wgmma_wait<0>();
       wgmma_fence_operands(s);
     } else {
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         uint32_t a_smem[4];
