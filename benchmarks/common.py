@@ -77,7 +77,7 @@ def parse_args(description):
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the markdown table")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--only-jaxinfer", action="store_true",
-                   help="skip the competitors (for A/B runs of jaxinfer's own kernels)")
+                   help="decode, prefill: skip the competitors (A/B runs of jaxinfer's kernels)")
     return p.parse_args()
 
 

@@ -77,7 +77,9 @@ def main():
                 row = [f"{num_qo_heads}/{num_kv_heads}", batch, kv_len]
                 row.append(fmt(time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p),
                                              [q, k, v, plan]), nbytes, ceiling))
-                if batch * kv_len <= (1 << 20):
+                if args.only_jaxinfer:
+                    row += ["-", "-", "-"]
+                elif batch * kv_len <= (1 << 20):
                     t = time_per_call(jnp_decode, [q, k, v, jnp.asarray(table)], calls=3)
                     row.append(fmt(t, nbytes, ceiling))
                     try:

@@ -19,6 +19,10 @@
 //
 // Shared-memory tiles are BlockSwizzle (csrc/attention_tile.cuh), 1024-byte
 // aligned.
+//
+// On sm_90a, run_prefill launches the warp-specialised kernel of
+// csrc/prefill_ws.cuh instead (same items, tiles, layouts and softmax) for
+// every variant but RoPE on the fly; this kernel's Hopper form remains for RoPE.
 #pragma once
 #include <cuda_runtime_api.h>
 
