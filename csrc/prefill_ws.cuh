@@ -103,20 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     }
     mbarrier_init_fence();
   }
-  // Query rows -> s_q (zeros past the valid rows), by every thread.
-  for (int i = tid; i < kRows * kChunks; i += kThreads) {
-    const int r = i / kChunks, ch = i % kChunks;
-    float x[8] = {};
-    if (r < rows) {
-      const int packed = row_begin + r;
-      const T* q = static_cast<const T*>(p.q) +
-                   ((q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
-      load_float<T, 8>(q + ch * 8, x);
-    }
-    store_float<T, 8>(s_q + QLayout::at(r, ch), x);
-  }
-  fence_async_shared();  // s_q is read by wgmma
-  __syncthreads();
+  __syncthreads();  // the barriers are initialised; the producer starts at once
 
   if (tid >= kConsumers) {
     // Producer: tile t into stage t % kStages once the consumers have released
@@ -167,6 +154,20 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");  // 128 x 56 + 256 x 224 <= 64 K
+
+  // Query rows -> s_q (zeros past the valid rows) while the first K/V tiles
+  // load; named barrier 2 joins the consumers once every copy has landed.
+  for (int i = tid; i < kRows * kChunks; i += kConsumers) {
+    const int r = i / kChunks, ch = i % kChunks;
+    const int packed = row_begin + min(r, rows - 1);
+    const T* q = static_cast<const T*>(p.q) +
+                 ((q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
+    cp_async_16(s_q + QLayout::at(r, ch), q + ch * 8, r < rows);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_async_shared();  // s_q is read by wgmma
+  asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory");
 
   // Consumers. This thread's two rows (gid and gid + 8 of its warp's 16).
   int my_pos[2], my_head[2], my_token[2];
