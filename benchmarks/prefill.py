@@ -110,7 +110,7 @@ def main():
     write_table(os.path.join(args.out, "prefill.md"), "Batch prefill (bf16, 32/8 heads, D=128)",
                 "bash scripts/gpu_check.sh", header[:2] if args.only_jaxinfer else header, rows,
                 f"bf16 matmul ceiling measured in the same run: {ceiling / 1e12:.0f} TFLOP/s. "
-                "On sm_90 jaxinfer runs its Hopper path (wgmma, cp.async loads; csrc/prefill.cuh).")
+                "On sm_90 jaxinfer runs its warp-specialised Hopper kernel (csrc/prefill_ws.cuh).")
 
 
 if __name__ == "__main__":
