@@ -32,6 +32,7 @@
 #include "csrc/merge_state.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
+#include "csrc/prefill_parts.cuh"
 #include "csrc/prefill_ws.cuh"
 #include "csrc/vec.cuh"
 #include "csrc/wgmma.cuh"
@@ -66,31 +67,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   auto stage_k = [&](int stage) { return smem + stage * 2 * Cfg::kTileElems; };
   T* s_q = stage_k(kStages);  // [kRows][D]
 
-  const int32_t* f = p.items + int64_t(blockIdx.y) * kPfItemFields;
-  if (f[kPfRequest] < 0) return;  // padding item
+  const PrefillItem item = read_prefill_item(p, blockIdx.y, kRows);
+  if (item.rows == 0) return;
   const int kv_head = blockIdx.x;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int gid = lane / 4, tig = lane % 4;
-  const int group = p.num_qo_heads / p.num_kv_heads;
+  const int group = item.group, rows = item.rows, kv_lo = item.kv_lo, kv_hi = item.kv_hi;
+  const int num_tiles = item.num_tiles(kKeys);
   const AttentionVariant& var = p.variant;
-
-  // The item, clamped so that a corrupt plan reads and writes only inside the buffers.
-  const int64_t q_begin = min(max(int64_t(f[kPfQBegin]), int64_t(0)), p.total_q);
-  const int q_len = static_cast<int>(min(max(int64_t(f[kPfQLen]), int64_t(0)), p.total_q - q_begin));
-  const int row_begin = max(f[kPfRowBegin], 0);
-  const int kv_len = max(f[kPfKvLen], 0);
-  const int64_t kv_begin = max(int64_t(f[kPfKvBegin]), int64_t(0));
-  const int64_t kv_end = min(int64_t(f[kPfKvEnd]), p.kv.num_entries());
-  const int64_t mask_begin = f[kPfMaskBegin];
-  const int rows_total = static_cast<int>(min(int64_t(q_len) * group, int64_t(INT32_MAX)));
-  const int rows = max(min(kRows, rows_total - row_begin), 0);  // valid rows of this tile
-  if (rows == 0) return;
-
-  // Position of packed row r (of the tile) and the tile's key range.
-  auto q_pos_of = [&](int r) { return kv_len - q_len + (row_begin + r) / group; };
-  const int kv_lo = max(max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]), 0);
-  const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
-  const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kKeys - 1) / kKeys : 0;
 
   const T* k_base = static_cast<const T*>(p.kv.k) + kv_head * p.kv.stride_head;
   const T* v_base = static_cast<const T*>(p.kv.v) + kv_head * p.kv.stride_head;
@@ -98,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   auto row_offset = [&](int tile) -> int64_t {  // key row tid of `tile`
     const int pos = kv_lo + tile * kKeys + tid;  // negative only on int overflow (a corrupt plan)
     if (tile >= num_tiles || pos >= kv_hi) return -1;
-    return p.kv.row_offset(kv_begin, kv_end, pos);
+    return p.kv.row_offset(item.kv_begin, item.kv_end, pos);
   };
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);
@@ -119,34 +102,21 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     const int r = i / (kChunks / 2), ch = i % (kChunks / 2);
     float lo[8] = {}, hi[8] = {};
     if (r < rows) {
-      const int packed = row_begin + r;
+      const int packed = item.row_begin + r;
       const T* q = static_cast<const T*>(p.q) +
-                   ((q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
+                   ((item.q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
       load_float<T, 8>(q + ch * 8, lo);
       load_float<T, 8>(q + D / 2 + ch * 8, hi);
       if (var.rope) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) var.rope_pair(lo[e], hi[e], ch * 8 + e, D, q_pos_of(r));
+        for (int e = 0; e < 8; ++e) var.rope_pair(lo[e], hi[e], ch * 8 + e, D, item.q_pos_of(r));
       }
     }
     store_float<T, 8>(s_q + QLayout::at(r, ch), lo);
     store_float<T, 8>(s_q + QLayout::at(r, ch + kChunks / 2), hi);
   }
 
-  // This thread's two rows (gid and gid + 8 of its warp's 16).
-  int my_pos[2], my_head[2], my_token[2];
-  bool my_valid[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + gid + 8 * i;
-    my_valid[i] = r < rows;
-    my_pos[i] = q_pos_of(r);
-    my_token[i] = (row_begin + r) / group;
-    my_head[i] = kv_head * group + (row_begin + r) % group;
-  }
-  // The rows of this warp span positions [warp_pos_lo, warp_pos_hi].
-  const int warp_rows = max(min(16, rows - warp * 16), 1);
-  const int warp_pos_lo = q_pos_of(warp * 16), warp_pos_hi = q_pos_of(warp * 16 + warp_rows - 1);
+  const ThreadRows mine = thread_rows(item, kv_head);
 
   // Portable path: Q fragments stay in registers for D <= 128.
   constexpr bool kQInRegisters = !kHopper && D <= 128;
@@ -185,19 +155,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     // S = Q K^T: this warp's 16 rows x kKeys keys.
     float s[kKeys / 8][4] = {};
     if constexpr (kHopper) {
-      // Each warpgroup: its 64 rows of s_q against the tile, 16 of D per step.
-      const T* q_rows = s_q + (warp / 4) * 64 * 64;
-      wgmma_fence();
-      wgmma_fence_operands(s);
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const int block = ks / 4, within = (ks % 4) * 16;
-        wgmma_ss<T, kKeys>(s, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                           wgmma_desc(s_kt + block * kKeys * 64 + within, 16, 1024), ks > 0);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(s);
+      // Each warpgroup: its 64 rows of s_q (8 KB into each block) against the tile.
+      wgmma_scores<T, D, kRows, kKeys>(s, s_q + (warp / 4) * 64 * 64, s_kt);
     } else {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -215,39 +174,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       }
     }
 
-    // Variant logits; per-element masks only on tiles that need them (the
-    // causal diagonal, window edges, missing keys, custom masks).
-    const bool masked = keys_missing || p.custom_mask != nullptr ||
-                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
-    const int64_t* key_rows = s_row[tile % kRowSlots];
-    const float logit_scale = apply_variant(s, var, masked, first, my_pos, my_head, [&](int i, int key) {
-      if (!my_valid[i] || key_rows[key] < 0) return false;
-      if (p.custom_mask == nullptr) return true;
-      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
-      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
-    });
-    online_softmax_step(s, m, l, o, logit_scale);
+    softmax_tile<kKeys>(s, m, l, o, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
 
-    // O += P V, 16 keys per k-step: P's C fragments are the A fragments.
+    // O += P V.
     uint32_t p_frag[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      p_frag[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p_frag[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p_frag[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    pack_probabilities<T, kKeys>(s, p_frag);
     if constexpr (kHopper) {
-      // V [keys][D] is N-major for this product: 64-column blocks kKeys rows apart.
-      wgmma_fence();
-      wgmma_fence_operands(o);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(s_vt + kk * 16 * 64, kKeys * 64 * 2, 1024));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
+      wgmma_attend<T, D, kKeys>(o, p_frag, s_vt);
     } else {
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
@@ -265,36 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   }
   cp_async_wait<0>();
 
-  // Normalise and write this thread's two rows (zeros and -inf for a row that
-  // saw no key): to o, or to the partial state of this item's KV split.
-  const int split = min(max(f[kPfSplit], 0), p.num_splits - 1);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    if (!my_valid[i]) continue;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const float row_lse = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
-    const int64_t token = q_begin + my_token[i];
-    if (p.partial_o != nullptr) {
-      const int64_t state = (token * p.num_splits + split) * p.num_qo_heads + my_head[i];
-      float* out = p.partial_o + state * D;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<float2*>(out + dt * 8 + 2 * tig) = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-      }
-      if (tig == 0) p.partial_lse[state] = row_lse;
-      continue;
-    }
-    const int64_t out_row = token * p.num_qo_heads + my_head[i];
-    T* out = static_cast<T*>(p.o) + out_row * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const float pair[2] = {o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv};
-      store_float<T, 2>(out + dt * 8 + 2 * tig, pair);
-    }
-    if (tig == 0) p.lse[out_row] = row_lse;
-  }
+  write_rows<T, D>(p, item, mine, o, m, l);
 }
 
 // The KV splits' partial states: [total_q, num_splits, num_qo_heads, head_dim].

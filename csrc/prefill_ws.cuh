@@ -25,6 +25,7 @@
 #include "csrc/mbarrier.cuh"
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
+#include "csrc/prefill_parts.cuh"
 #include "csrc/vec.cuh"
 #include "csrc/wgmma.cuh"
 
@@ -70,29 +71,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   uint64_t* v_full = k_empty + kStages;
   uint64_t* v_empty = v_full + kStages;
 
-  const int32_t* f = p.items + int64_t(blockIdx.y) * kPfItemFields;
-  if (f[kPfRequest] < 0) return;  // padding item
+  const PrefillItem item = read_prefill_item(p, blockIdx.y, kRows);
+  if (item.rows == 0) return;
   const int kv_head = blockIdx.x;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int gid = lane / 4, tig = lane % 4;
-  const int group = p.num_qo_heads / p.num_kv_heads;
-  const AttentionVariant& var = p.variant;
-
-  // The item, clamped as in csrc/prefill.cuh.
-  const int64_t q_begin = min(max(int64_t(f[kPfQBegin]), int64_t(0)), p.total_q);
-  const int q_len = static_cast<int>(min(max(int64_t(f[kPfQLen]), int64_t(0)), p.total_q - q_begin));
-  const int row_begin = max(f[kPfRowBegin], 0);
-  const int kv_len = max(f[kPfKvLen], 0);
-  const int64_t kv_begin = max(int64_t(f[kPfKvBegin]), int64_t(0));
-  const int64_t kv_end = min(int64_t(f[kPfKvEnd]), p.kv.num_entries());
-  const int64_t mask_begin = f[kPfMaskBegin];
-  const int rows_total = static_cast<int>(min(int64_t(q_len) * group, int64_t(INT32_MAX)));
-  const int rows = max(min(kRows, rows_total - row_begin), 0);
-  if (rows == 0) return;
-  auto q_pos_of = [&](int r) { return kv_len - q_len + (row_begin + r) / group; };
-  const int kv_lo = max(max(var.first_visible(q_pos_of(0)), f[kPfSplitBegin]), 0);
-  const int kv_hi = min(var.end_visible(q_pos_of(rows - 1), kv_len), f[kPfSplitEnd]);
-  const int num_tiles = kv_lo < kv_hi ? (kv_hi - kv_lo + kKeys - 1) / kKeys : 0;
+  const int group = item.group, rows = item.rows, kv_lo = item.kv_lo, kv_hi = item.kv_hi;
+  const int num_tiles = item.num_tiles(kKeys);
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -136,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
       if (tile >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
       // The consumers also read s_rows[s] and s_missing[s] (masks) before releasing K.
       const int pos = kv_lo + tile * kKeys + i;
-      const int64_t offset = pos < kv_hi ? p.kv.row_offset(kv_begin, kv_end, pos) : -1;
+      const int64_t offset = pos < kv_hi ? p.kv.row_offset(item.kv_begin, item.kv_end, pos) : -1;
       s_rows[s][i] = offset;
       // Named barrier 1 over the producers: the rows are written, and whether any is missing.
       int missing;
@@ -159,9 +143,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   // load; named barrier 2 joins the consumers once every copy has landed.
   for (int i = tid; i < kRows * kChunks; i += kConsumers) {
     const int r = i / kChunks, ch = i % kChunks;
-    const int packed = row_begin + min(r, rows - 1);
+    const int packed = item.row_begin + min(r, rows - 1);
     const T* q = static_cast<const T*>(p.q) +
-                 ((q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
+                 ((item.q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
     cp_async_16(s_q + QLayout::at(r, ch), q + ch * 8, r < rows);
   }
   cp_async_commit();
@@ -169,20 +153,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   fence_async_shared();  // s_q is read by wgmma
   asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory");
 
-  // Consumers. This thread's two rows (gid and gid + 8 of its warp's 16).
-  int my_pos[2], my_head[2], my_token[2];
-  bool my_valid[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + gid + 8 * i;
-    my_valid[i] = r < rows;
-    my_pos[i] = q_pos_of(r);
-    my_token[i] = (row_begin + r) / group;
-    my_head[i] = kv_head * group + (row_begin + r) % group;
-  }
-  const int warp_rows = max(min(16, rows - warp * 16), 1);
-  const int warp_pos_lo = q_pos_of(warp * 16), warp_pos_hi = q_pos_of(warp * 16 + warp_rows - 1);
-
+  // Consumers.
+  const ThreadRows mine = thread_rows(item, kv_head);
   const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -199,86 +171,19 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     const int s = tile % kStages;
     wait_full(k_full, tile);
     float sc[kKeys / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-    wgmma_fence();
-    wgmma_fence_operands(sc);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int block = ks / 4, within = (ks % 4) * 16;
-      wgmma_ss<T, kKeys>(sc, wgmma_desc(q_rows + block * kRows * 64 + within, 16, 1024),
-                         wgmma_desc(k_stage(s) + block * kKeys * 64 + within, 16, 1024), ks > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(sc);
+    wgmma_scores<T, D, kRows, kKeys>(sc, q_rows, k_stage(s));
+    // The masks read the producer's row offsets and missing flag; then K is free.
+    softmax_tile<kKeys>(sc, m, l, o, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
+                        [&] { release(k_empty, tile); });
 
-    // Variant, masks (the producer's row offsets and missing flag), then K is free.
-    const int first = kv_lo + tile * kKeys;
-    const bool masked = s_missing[s] != 0 || p.custom_mask != nullptr ||
-                        !var.all_visible(first, first + kKeys - 1, warp_pos_lo, warp_pos_hi);
-    const int64_t* key_rows = s_rows[s];
-    const float logit_scale = apply_variant(sc, var, masked, first, my_pos, my_head, [&](int i, int key) {
-      if (!my_valid[i] || key_rows[key] < 0) return false;
-      if (p.custom_mask == nullptr) return true;
-      const int64_t at = mask_begin + int64_t(my_token[i]) * kv_len + first + key;
-      return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
-    });
-    release(k_empty, tile);
-    online_softmax_step(sc, m, l, o, logit_scale);
-
-    // O += P V: P's C fragments are the A fragments; V [keys][D] is N-major
-    // for this product, 64-column blocks kKeys rows apart.
     uint32_t p_frag[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      p_frag[kk][0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-      p_frag[kk][1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-      p_frag[kk][2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      p_frag[kk][3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-    }
+    pack_probabilities<T, kKeys>(sc, p_frag);
     wait_full(v_full, tile);
-    wgmma_fence();
-    wgmma_fence_operands(o);
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      wgmma_rs<T, D>(o, p_frag[kk], wgmma_desc(v_stage(s) + kk * 16 * 64, kKeys * 64 * 2, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(o);
+    wgmma_attend<T, D, kKeys>(o, p_frag, v_stage(s));
     release(v_empty, tile);
   }
 
-  // Normalise and write this thread's two rows, as csrc/prefill.cuh does.
-  const int split = min(max(f[kPfSplit], 0), p.num_splits - 1);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    if (!my_valid[i]) continue;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const float row_lse = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
-    const int64_t token = q_begin + my_token[i];
-    if (p.partial_o != nullptr) {
-      const int64_t state = (token * p.num_splits + split) * p.num_qo_heads + my_head[i];
-      float* out = p.partial_o + state * D;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<float2*>(out + dt * 8 + 2 * tig) = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
-      }
-      if (tig == 0) p.partial_lse[state] = row_lse;
-      continue;
-    }
-    const int64_t out_row = token * p.num_qo_heads + my_head[i];
-    T* out = static_cast<T*>(p.o) + out_row * D;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const float pair[2] = {o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv};
-      store_float<T, 2>(out + dt * 8 + 2 * tig, pair);
-    }
-    if (tig == 0) p.lse[out_row] = row_lse;
-  }
+  write_rows<T, D>(p, item, mine, o, m, l);
 }
 
 }  // namespace prefill_ws_detail
