@@ -26,7 +26,6 @@
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
 #include "csrc/prefill_parts.cuh"
-#include "csrc/vec.cuh"
 #include "csrc/wgmma.cuh"
 
 namespace jaxinfer {
