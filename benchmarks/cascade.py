@@ -20,11 +20,35 @@ import jaxinfer
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
 
+def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
+    """Times the cascade's parts alone (--breakdown): what a speed-up has to come from."""
+    prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, return_lse=True)  # noqa: E731
+    parts = {}
+    for i, level in enumerate(plan.levels):
+        parts[f"level {i} (batch_prefill, {level.kv_splits.shape[0]} splits)"] = time_per_call(
+            prefill, [q, k, v, level])
+    o = jnp.zeros((batch, 2, HQ, D), jnp.bfloat16)
+    lse = jnp.zeros((batch, 2, HQ), jnp.float32)
+    parts["merge_states"] = time_per_call(jaxinfer.merge_states, [o, lse])
+    suffix_plan = jax.device_put(jaxinfer.plan_decode(
+        levels[1][1], own.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
+        max_batch=batch, max_pages=num_pages))
+    parts["suffix as batch_decode"] = time_per_call(
+        lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, return_lse=True), [q, k, v, suffix_plan])
+    for splits in (4, 8, 16, 32):
+        shared_plan = jax.device_put(jaxinfer.plan_cascade(
+            levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
+            max_groups=[1, batch], max_pages=[num_pages, num_pages], kv_splits=[splits, 1]).levels[0])
+        parts[f"level 0 with {splits} splits"] = time_per_call(prefill, [q, k, v, shared_plan])
+    for name, t in parts.items():
+        print(f"    {name}: {t * 1e6:.0f} us", flush=True)
+
+
 def main():
     args = parse_args(__doc__)
     cases = [(p, b, s) for p in (8192, 32768) for b in (16, 64, 256) for s in (128, 1024)]
     cases += [(32768, 128, 256), (32768, 64, 512)]  # the issue's two targets
-    if args.quick:
+    if args.quick or args.breakdown:
         cases = cases[-2:]
     rows = []
     for prefix, batch, suffix in cases:
@@ -46,10 +70,11 @@ def main():
         t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p), [q, k, v, flat_plan])
 
         rows_q = np.arange(batch + 1, dtype=np.int32)
+        levels = [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
+                   np.array([PAGE], np.int32)),
+                  (rows_q, rows_q * suffix_pages, own.reshape(-1), last)]
         plan = jax.device_put(jaxinfer.plan_cascade(
-            [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
-              np.array([PAGE], np.int32)),
-             (rows_q, rows_q * suffix_pages, own.reshape(-1), last)],
+            levels,
             num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
             max_groups=[1, batch], max_pages=[num_pages, num_pages]))
         t_cascade = time_per_call(
@@ -58,6 +83,8 @@ def main():
                f"{t_flat / t_cascade:.1f}x"]
         rows.append(row)
         print(row, flush=True)
+        if args.breakdown:
+            breakdown(q, k, v, plan, levels, batch, own, last, num_pages)
         del k, v
 
     write_table(os.path.join(args.out, "cascade.md"), "Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16)",

@@ -78,6 +78,8 @@ def parse_args(description):
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--only-jaxinfer", action="store_true",
                    help="decode, prefill: skip the competitors (A/B runs of jaxinfer's kernels)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="cascade: also time each part alone, for the issue's two cases")
     return p.parse_args()
 
 

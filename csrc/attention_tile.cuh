@@ -131,11 +131,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 3; a row's 4 owners are the lanes of one quad). s * logit_scale are the
 // tile's base-2 logits (-inf = masked); s leaves as unnormalised
 // probabilities, the running max m and this lane's share of the sums l are
-// updated, and the output accumulators o rescaled to the new max.
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
-  float scale[2];
+// updated, and the factors that rescale the output accumulators to the new
+// max are returned in scale (see rescale_rows; online_softmax_step does both).
+template <int kNTiles>
+__device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                               float (&scale)[2], float logit_scale = 1.f) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float row_max = -INFINITY;
@@ -155,6 +155,14 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], floa
       l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
   }
+}
+
+// o's rows times scale (from softmax_update). Once the running maxima settle,
+// most tiles change none of a warp's rows: the warp then skips the multiplies.
+// Call it with the whole warp.
+template <int kDTiles>
+__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&scale)[2]) {
+  if (!__any_sync(0xffffffff, scale[0] != 1.f || scale[1] != 1.f)) return;
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= scale[0];
@@ -162,6 +170,14 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], floa
     o[dt][2] *= scale[1];
     o[dt][3] *= scale[1];
   }
+}
+
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
+  float scale[2];
+  softmax_update(s, m, l, scale, logit_scale);
+  rescale_rows(o, scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

@@ -156,7 +156,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
     float s[kKeys / 8][4] = {};
     if constexpr (kHopper) {
       // Each warpgroup: its 64 rows of s_q (8 KB into each block) against the tile.
-      wgmma_scores<T, D, kRows, kKeys>(s, s_q + (warp / 4) * 64 * 64, s_kt);
+      const T* q_rows = s_q + (warp / 4) * 64 * 64;
+      wgmma_scores<T, D, kRows, kKeys>(s, wgmma_desc(q_rows, 16, 1024), wgmma_desc(s_kt, 16, 1024));
     } else {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -174,13 +175,15 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       }
     }
 
-    softmax_tile<kKeys>(s, m, l, o, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
+    float scale[2];
+    softmax_tile<kKeys>(s, m, l, scale, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
+    rescale_rows(o, scale);
 
     // O += P V.
     uint32_t p_frag[kKeys / 16][4];
     pack_probabilities<T, kKeys>(s, p_frag);
     if constexpr (kHopper) {
-      wgmma_attend<T, D, kKeys>(o, p_frag, s_vt);
+      wgmma_attend<T, D, kKeys>(o, p_frag, wgmma_desc(s_vt, kKeys * 128, 1024));
     } else {
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {

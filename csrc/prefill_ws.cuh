@@ -154,7 +154,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
 
   // Consumers.
   const ThreadRows mine = thread_rows(item, kv_head);
-  const T* q_rows = s_q + (warp / 4) * 64 * 64;  // this warpgroup's 64 rows (8 KB into each block)
+  const uint64_t q_desc = wgmma_desc(s_q + (warp / 4) * 64 * 64, 16, 1024);  // this warpgroup's 64 rows (8 KB into each block)
+  const uint64_t k_desc = wgmma_desc(k_stage(0), 16, 1024), v_desc = wgmma_desc(v_stage(0), kKeys * 128, 1024);
+  constexpr uint64_t kStageStep = wgmma_desc_step<T>(L::kTileElems);
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
@@ -170,15 +172,17 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
     const int s = tile % kStages;
     wait_full(k_full, tile);
     float sc[kKeys / 8][4];
-    wgmma_scores<T, D, kRows, kKeys>(sc, q_rows, k_stage(s));
+    wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
     // The masks read the producer's row offsets and missing flag; then K is free.
-    softmax_tile<kKeys>(sc, m, l, o, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
+    float scale[2];
+    softmax_tile<kKeys>(sc, m, l, scale, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
                         [&] { release(k_empty, tile); });
+    rescale_rows(o, scale);
 
     uint32_t p_frag[kKeys / 16][4];
     pack_probabilities<T, kKeys>(sc, p_frag);
     wait_full(v_full, tile);
-    wgmma_attend<T, D, kKeys>(o, p_frag, v_stage(s));
+    wgmma_attend<T, D, kKeys>(o, p_frag, v_desc + s * kStageStep);
     release(v_empty, tile);
   }
 

@@ -30,6 +30,14 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t leadin
          uint64_t((stride >> 4) & 0x3FFF) << 32 | uint64_t(1) << 62;
 }
 
+// The descriptor change that moves an operand `elements` 16-bit elements on:
+// the start address (bits 0-13) counts 16-byte units, and shared memory
+// addresses stay below 2^18 bytes, so the sum never carries out of it.
+template <typename T>
+__device__ __forceinline__ constexpr uint64_t wgmma_desc_step(int elements) {
+  return uint64_t(elements) * sizeof(T) / 16;
+}
+
 // wgmma exists only in sm_90a code; other targets compile these to a trap
 // (the launcher picks the Hopper path on sm_90 devices only).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
