@@ -157,12 +157,11 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m
   }
 }
 
-// o's rows times scale (from softmax_update). Once the running maxima settle,
-// most tiles change none of a warp's rows: the warp then skips the multiplies.
-// Call it with the whole warp.
+// o's rows times scale (from softmax_update). (Skipping it when no row of the
+// warp changed its max measured 4% slower in prefill: these multiplies fill
+// the exp2 latency.)
 template <int kDTiles>
 __device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&scale)[2]) {
-  if (!__any_sync(0xffffffff, scale[0] != 1.f || scale[1] != 1.f)) return;
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= scale[0];

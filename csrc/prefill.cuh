@@ -67,9 +67,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   auto stage_k = [&](int stage) { return smem + stage * 2 * Cfg::kTileElems; };
   T* s_q = stage_k(kStages);  // [kRows][D]
 
-  const PrefillItem item = read_prefill_item(p, blockIdx.y, kRows);
+  const PrefillItem item = read_prefill_item(p, blockIdx.x, kRows);
   if (item.rows == 0) return;
-  const int kv_head = blockIdx.x;
+  const int kv_head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = item.group, rows = item.rows, kv_lo = item.kv_lo, kv_hi = item.kv_hi;
   const int num_tiles = item.num_tiles(kKeys);
@@ -232,14 +232,17 @@ inline bool use_hopper_path(int head_dim) {
 template <typename T, int D, bool kHopper>
 cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
   using namespace prefill_detail;
-  const dim3 grid(p.num_kv_heads, p.num_items);
+  // Items along x, heads along y: the CTAs running at once mostly share one
+  // head's keys, which then stay in L2 (heads along x measured 5-7% slower).
+  const dim3 grid(p.num_items, p.num_kv_heads);
   bool launched = false;
   if constexpr (kHopper) {
     if (!p.variant.rope) {
       constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D>;
       constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
       if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-      if (p.num_items > 0) kernel<<<grid, prefill_ws_detail::kThreads, smem, stream>>>(p);
+      const KvTensorMaps maps = encode_kv_tensor_maps<T, D>(p.kv, p.num_kv_heads);
+      if (p.num_items > 0) kernel<<<grid, prefill_ws_detail::kThreads, smem, stream>>>(p, maps);
       launched = true;
     }
   }

@@ -5,7 +5,7 @@
 // Work: the host planner (csrc/prefill_plan.h) cuts each request's queries,
 // packed with their GQA group as rows (row = token * group + head in group),
 // into tiles of kPrefillTileRows rows; one work item per tile, heaviest
-// first. The grid is [kv heads, item capacity]: padding items exit at once,
+// first. The grid is [item capacity, kv heads]: padding items exit at once,
 // so launches depend on static shapes only, as command buffers require.
 #pragma once
 #include <cstdint>

@@ -3,9 +3,12 @@
 // softmax, but the loads move to producer warps and no barrier spans the CTA.
 //
 //   warps 8-11 (producer warpgroup): per tile, resolve the key rows (page-table
-//     reads), then copy K and then V with cp.async into a free stage; each of
-//     a stage's K and V has its own full / empty barrier pair, so the next K
-//     loads as soon as the scores of the last one are done. setmaxnreg moves
+//     reads), then copy K and then V into a free stage: by TMA (csrc/tma.cuh)
+//     when no row is missing and the boxes line up (ragged K/V; pages of 8 to
+//     128 keys from a page-aligned first key), else with cp.async, which
+//     zero-fills missing rows. Each of a stage's K and V has its own full /
+//     empty barrier pair, so the next K loads as soon as the scores of the
+//     last one are done. setmaxnreg moves
 //     registers from this warpgroup (56) to the consumers (224): 384 threads
 //     start at 168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per tile, wait for K,
@@ -26,6 +29,7 @@
 #include "csrc/mma.cuh"
 #include "csrc/prefill.h"
 #include "csrc/prefill_parts.cuh"
+#include "csrc/tma.cuh"
 #include "csrc/wgmma.cuh"
 
 namespace jaxinfer {
@@ -51,7 +55,8 @@ struct Layout {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_ws_kernel(const PrefillParams p, const __grid_constant__ KvTensorMaps tma) {
   using L = Layout<D>;
   using QLayout = BlockSwizzle<kRows>;
   using KvLayout = BlockSwizzle<kKeys>;
@@ -70,9 +75,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
   uint64_t* v_full = k_empty + kStages;
   uint64_t* v_empty = v_full + kStages;
 
-  const PrefillItem item = read_prefill_item(p, blockIdx.y, kRows);
+  const PrefillItem item = read_prefill_item(p, blockIdx.x, kRows);
+  const int kv_head = blockIdx.y;
   if (item.rows == 0) return;
-  const int kv_head = blockIdx.x;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int group = item.group, rows = item.rows, kv_lo = item.kv_lo, kv_hi = item.kv_hi;
   const int num_tiles = item.num_tiles(kKeys);
@@ -113,6 +118,30 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
       mbarrier_arrive_on_cp_async(full);  // completes once the copies have landed
       mbarrier_arrive(full);
     };
+    // A tile without missing rows, by TMA: the thread at the head of each box
+    // (thread 0 of a ragged tile, the first row of each page) copies its rows
+    // of every 64-column block; the others only arrive.
+    const bool ragged = p.kv.kv_indices == nullptr;
+    const bool tma_ok = tma.box_rows > 0 && (ragged || kv_lo % tma.box_rows == 0);
+    auto tma_tile = [&](T* dst, const CUtensorMap* map, uint64_t* full, int pos) {
+      if (i % tma.box_rows != 0) {
+        mbarrier_arrive(full);
+        return;
+      }
+      mbarrier_arrive_expect_tx(full, tma.box_rows * D * sizeof(T));
+      // Ragged: the key row; paged: the page (pos is its first slot, as kv_lo is page-aligned).
+      const int64_t entry = item.kv_begin + (ragged ? pos : pos / tma.box_rows);
+      const int index = ragged ? int(entry) : p.kv.kv_indices[entry];
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b) {
+        T* box = dst + b * kKeys * 64 + i * 64;  // rows i.. of column block b
+        if (ragged) {
+          tma_load_3d(box, map, full, b * 64, kv_head, index);
+        } else {
+          tma_load_4d(box, map, full, b * 64, 0, kv_head, index);
+        }
+      }
+    };
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int s = tile % kStages;
       const uint32_t reuse_parity = ((tile / kStages) - 1) & 1;
@@ -130,9 +159,18 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_ws_kernel(const PrefillPa
           : "r"(int(offset < 0)), "n"(kProducers)
           : "memory");
       if (i == 0) s_missing[s] = missing;
-      copy_tile(k_stage(s), k_base, s_rows[s], &k_full[s]);
+      const bool by_tma = tma_ok && !missing;
+      if (by_tma) {
+        tma_tile(k_stage(s), &tma.k, &k_full[s], pos);
+      } else {
+        copy_tile(k_stage(s), k_base, s_rows[s], &k_full[s]);
+      }
       if (tile >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
-      copy_tile(v_stage(s), v_base, s_rows[s], &v_full[s]);
+      if (by_tma) {
+        tma_tile(v_stage(s), &tma.v, &v_full[s], pos);
+      } else {
+        copy_tile(v_stage(s), v_base, s_rows[s], &v_full[s]);
+      }
     }
     return;
   }

@@ -292,6 +292,16 @@ def test_gpu_prefill_grid(batch, head_dim, group, page_size, causal, mask, dtype
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size,layout", [(16, "HND"), (32, "NHD"), (64, "HND"), (128, "NHD")])
+def test_gpu_prefill_tma_page_boxes(page_size, layout):
+    """Pages of 8 to 128 keys go to shared memory by TMA, one box per page (both layouts)."""
+    q_lens, kv_lens = LENGTH_MIXES[3]
+    case = make_case(q_lens, kv_lens, head_dim=128, group=4, num_kv_heads=2, page_size=page_size,
+                     layout=layout)
+    check(case, causal=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("paged", [True, False])
 def test_gpu_prefill_kv_splits(paged):
     """Few query tiles over long keys, split into slices and merged."""
