@@ -131,11 +131,11 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 3; a row's 4 owners are the lanes of one quad). s * logit_scale are the
 // tile's base-2 logits (-inf = masked); s leaves as unnormalised
 // probabilities, the running max m and this lane's share of the sums l are
-// updated, and the factors that rescale the output accumulators to the new
-// max are returned in scale (see rescale_rows; online_softmax_step does both).
-template <int kNTiles>
-__device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                               float (&scale)[2], float logit_scale = 1.f) {
+// updated, and the output accumulators o rescaled to the new max.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
+  float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float row_max = -INFINITY;
@@ -155,13 +155,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[kNTiles][4], float (&m
       l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
   }
-}
-
-// o's rows times scale (from softmax_update). (Skipping it when no row of the
-// warp changed its max measured 4% slower in prefill: these multiplies fill
-// the exp2 latency.)
-template <int kDTiles>
-__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&scale)[2]) {
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= scale[0];
@@ -169,14 +162,6 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float
     o[dt][2] *= scale[1];
     o[dt][3] *= scale[1];
   }
-}
-
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
-  float scale[2];
-  softmax_update(s, m, l, scale, logit_scale);
-  rescale_rows(o, scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

@@ -175,9 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       }
     }
 
-    float scale[2];
-    softmax_tile<kKeys>(s, m, l, scale, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
-    rescale_rows(o, scale);
+    softmax_tile<kKeys>(s, m, l, o, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
 
     // O += P V.
     uint32_t p_frag[kKeys / 16][4];

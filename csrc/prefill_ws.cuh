@@ -8,9 +8,8 @@
 //     128 keys from a page-aligned first key), else with cp.async, which
 //     zero-fills missing rows. Each of a stage's K and V has its own full /
 //     empty barrier pair, so the next K loads as soon as the scores of the
-//     last one are done. setmaxnreg moves
-//     registers from this warpgroup (56) to the consumers (224): 384 threads
-//     start at 168 each.
+//     last one are done. setmaxnreg moves registers from this warpgroup (56)
+//     to the consumers (224): 384 threads start at 168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per tile, wait for K,
 //     S = Q K^T, variant and softmax, release K, wait for V, O += P V, release
 //     V. The warpgroups never wait for each other. (Issuing S of the next
@@ -192,7 +191,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers.
   const ThreadRows mine = thread_rows(item, kv_head);
-  const uint64_t q_desc = wgmma_desc(s_q + (warp / 4) * 64 * 64, 16, 1024);  // this warpgroup's 64 rows (8 KB into each block)
+  // Descriptors of this warpgroup's 64 rows (8 KB into each block of s_q) and
+  // of stage 0's K and V; a stage further is kStageStep on.
+  const uint64_t q_desc = wgmma_desc(s_q + (warp / 4) * 64 * 64, 16, 1024);
   const uint64_t k_desc = wgmma_desc(k_stage(0), 16, 1024), v_desc = wgmma_desc(v_stage(0), kKeys * 128, 1024);
   constexpr uint64_t kStageStep = wgmma_desc_step<T>(L::kTileElems);
   float o[D / 8][4] = {};
@@ -212,10 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sc[kKeys / 8][4];
     wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
     // The masks read the producer's row offsets and missing flag; then K is free.
-    float scale[2];
-    softmax_tile<kKeys>(sc, m, l, scale, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
+    softmax_tile<kKeys>(sc, m, l, o, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
                         [&] { release(k_empty, tile); });
-    rescale_rows(o, scale);
 
     uint32_t p_frag[kKeys / 16][4];
     pack_probabilities<T, kKeys>(sc, p_frag);

@@ -10,6 +10,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "csrc/kv_cache.h"
@@ -45,7 +46,9 @@ KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
   }();
   KvTensorMaps maps{};
   const bool ragged = kv.kv_indices == nullptr;
-  if (encode == nullptr || kv.num_pages <= 0 || (!ragged && (kv.page_size < 8 || 128 % kv.page_size != 0))) {
+  // (Box coordinates are int32: larger caches keep cp.async.)
+  if (encode == nullptr || kv.num_pages <= 0 || kv.num_pages > INT32_MAX ||
+      (!ragged && (kv.page_size < 8 || 128 % kv.page_size != 0))) {
     return maps;
   }
   const cuuint64_t e = sizeof(T);
