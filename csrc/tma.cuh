@@ -37,11 +37,13 @@ KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
   static const auto encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      fn = nullptr;
-    }
+#if CUDART_VERSION >= 12050
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   KvTensorMaps maps{};
@@ -51,12 +53,12 @@ KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
       (!ragged && (kv.page_size < 8 || 128 % kv.page_size != 0))) {
     return maps;
   }
-  const cuuint64_t e = sizeof(T);
+  const cuuint64_t bytes = sizeof(T);
   const cuuint32_t rank = ragged ? 3 : 4;
   const cuuint64_t ragged_dims[3] = {D, cuuint64_t(num_kv_heads), cuuint64_t(kv.num_pages)};
   const cuuint64_t paged_dims[4] = {D, cuuint64_t(kv.page_size), cuuint64_t(num_kv_heads), cuuint64_t(kv.num_pages)};
-  const cuuint64_t ragged_strides[2] = {kv.stride_head * e, kv.stride_page * e};
-  const cuuint64_t paged_strides[3] = {kv.stride_slot * e, kv.stride_head * e, kv.stride_page * e};
+  const cuuint64_t ragged_strides[2] = {kv.stride_head * bytes, kv.stride_page * bytes};
+  const cuuint64_t paged_strides[3] = {kv.stride_slot * bytes, kv.stride_head * bytes, kv.stride_page * bytes};
   const cuuint32_t ragged_box[3] = {64, 1, 128};
   const cuuint32_t paged_box[4] = {64, cuuint32_t(kv.page_size), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
