@@ -27,17 +27,25 @@
 namespace jaxinfer {
 namespace decode_detail {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kTileKeys = 64;  // keys per stage: 16 per warp
-constexpr int kRows = 16;      // query heads per CTA (the mma M)
+constexpr int kRows = 16;  // query heads per CTA (the mma M)
 
-template <int D>
+// Each warp owns 16 keys of every tile. The defaults are what the H100
+// measured best (benchmarks/decode_kernel.cu times other configurations): at
+// D = 128, three CTAs per SM with two stages each beat two with three stages
+// (12 warps per SM hide more latency than deeper stages), so Q is re-read from
+// shared memory to fit the registers. jaxinfer/decode.py ctas_per_sm mirrors
+// the CTAs per SM.
+template <int D, int kWarps_ = 4, int kStages_ = (D == 64 ? 3 : 2), int kMinBlocks_ = (D == 128 ? 3 : 1),
+          bool kQRegs_ = (D == 64)>
 struct Config {
   static_assert(D % 64 == 0, "head dim must be a multiple of 64 (8 swizzled 16-byte chunks)");
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row (16-bit elements)
-  // Deeper pipelines for smaller rows: about 64-96 KB of K/V in flight per CTA.
-  static constexpr int kStages = D >= 256 ? 2 : 3;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTileKeys = 16 * kWarps;  // keys per stage
+  static constexpr int kStages = kStages_;
+  static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the registers must allow
+  static constexpr bool kQInRegisters = kQRegs_;  // Q's A fragments kept across tiles
+  static constexpr int kChunks = D / 8;           // 16-byte chunks per row (16-bit elements)
   static constexpr int kTileElems = kTileKeys * D;
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
   // An item's epilogue merges the warps' fp32 outputs in one consumed stage (K and V).
@@ -72,6 +80,7 @@ struct PlanStates {
 // Walks the tiles of one CTA slot's work items in order. Every item has at
 // least one tile: an item with no visible keys runs one fully masked tile, so
 // it still writes its zeros and -inf.
+template <int kTileKeys>
 struct TileCursor {
   int item, item_end;   // current item; one past the slot's last
   int tile, num_tiles;  // tile within the item
@@ -106,16 +115,22 @@ struct TileCursor {
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
-  using Cfg = Config<D>;
-  constexpr int kStages = Cfg::kStages;
-  constexpr int kChunks = Cfg::kChunks;
+template <typename T, int D, typename Cfg = Config<D>>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(const DecodeParams p) {
+  constexpr int kStages = Cfg::kStages, kChunks = Cfg::kChunks;
+  constexpr int kWarps = Cfg::kWarps, kThreads = Cfg::kThreads, kTileKeys = Cfg::kTileKeys;
+  using TileCursor = decode_detail::TileCursor<kTileKeys>;
   extern __shared__ __align__(128) uint8_t smem[];
   // Stage s holds K then V of one tile ([kTileKeys][D] each); s_q follows.
   auto stage_k = [&](int stage) { return reinterpret_cast<T*>(smem) + stage * 2 * Cfg::kTileElems; };
   T* s_q = stage_k(kStages);  // [kRows][D]
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge kernel, launched as a programmatic dependent (launch_merge), may
+  // be scheduled now: it waits for this grid's completion before it reads, and
+  // its launch latency hides behind this kernel's tail.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   // Consecutive CTAs take the KV heads of one slot: in the NHD layout they read
   // neighbouring parts of the same key rows at the same time.
   const int slot = blockIdx.y;
@@ -191,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   };
   // Q as A fragments, one per 16-wide k-step: held in registers up to D = 128,
   // re-read from shared memory each tile beyond (registers go to the output).
-  constexpr bool kQInRegisters = D <= 128;
+  constexpr bool kQInRegisters = Cfg::kQInRegisters;
   auto load_q_frag = [&](uint32_t(&frag)[4], int ks) {
     const int mi = lane / 8;
     ldmatrix_x4(frag, s_q + swizzle<D>((lane % 8) + 8 * (mi % 2), 2 * ks + mi / 2));
@@ -334,27 +349,31 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   cp_async_wait<0>();  // the zero-filled copies past the end
 }
 
+// The decode kernel of configuration Cfg, then the merge of the partials of
+// split requests (a programmatic dependent launch: see launch_merge).
+template <typename T, int D, typename Cfg = Config<D>>
+cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
+  constexpr auto kernel = decode_kernel<T, D, Cfg>;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(Cfg::kSmem)) return e;
+  const int group = p.num_qo_heads / p.num_kv_heads;
+  const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_ctas);
+  if (p.num_ctas > 0) kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  // A request has at most one item per CTA slot it touches.
+  launch_merge(PlanStates::of(p, D), static_cast<T*>(p.o), p.lse, int64_t(p.batch) * p.num_qo_heads, D,
+               p.num_ctas, stream, /*after_writer=*/p.num_ctas > 0);
+  return cudaGetLastError();
+}
+
 }  // namespace decode_detail
 
 template <int kHeadDim>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
-  using namespace decode_detail;
   return dispatch_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float>) {
       return cudaErrorInvalidValue;  // tensor-core path: 16-bit inputs only
     } else {
-      constexpr auto kernel = decode_kernel<T, kHeadDim>;
-      constexpr size_t smem = Config<kHeadDim>::kSmem;
-      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-      const int group = p.num_qo_heads / p.num_kv_heads;
-      const dim3 grid(p.num_kv_heads * ((group + kRows - 1) / kRows), p.num_ctas);
-      if (p.num_ctas > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
-      // A request has at most one item per CTA slot it touches.
-      launch_merge(PlanStates::of(p, kHeadDim), static_cast<T*>(p.o), p.lse,
-                   int64_t(p.batch) * p.num_qo_heads, kHeadDim, p.num_ctas, stream,
-                   /*after_writer=*/p.num_ctas > 0);
-      return cudaGetLastError();
+      return decode_detail::launch<T, kHeadDim>(p, stream);
     }
   });
 }

@@ -97,15 +97,20 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
 }
 
 // Programmatic dependent launch (sm90+) of the merge after the kernel that
-// writes its states, so the merge's launch and scheduling overlap that
-// kernel's tail: opt-in through the environment (JAXINFER_PDL=1) while its
-// effect and its capture into command buffers are measured.
+// writes its states, so that the merge's launch and scheduling overlap that
+// kernel's tail (with the decode kernel's early trigger: 1-1.5 us less per
+// decode call on the H100, benchmarks/NOTES.md). JAXINFER_PDL=0 turns it off.
 inline bool programmatic_merge() {
-  static const bool on = [] {
+  static const bool enabled = [] {
     const char* v = std::getenv("JAXINFER_PDL");
-    return v != nullptr && v[0] == '1';
+    return v == nullptr || v[0] != '0';
   }();
-  return on;
+  int device = 0, major = 0;
+  if (!enabled || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  return major >= 9;
 }
 
 // Launches merge_kernel over `rows` rows of `dim` elements, each merging at

@@ -51,8 +51,9 @@ ITEM_FIELDS = 6
 
 
 def ctas_per_sm(head_dim: int) -> int:
-    """CTAs of the decode kernel resident per SM: its shared memory allows 2 up to D=128."""
-    return 1 if head_dim >= 256 else 2
+    """CTAs of the decode kernel resident per SM (csrc/decode.cuh Config: registers and
+    shared memory)."""
+    return {64: 2, 128: 3}.get(head_dim, 1)
 
 
 def wave_ctas(num_kv_heads: int, *, num_sms: int = H100_SMS, head_dim: int = 128) -> int:
