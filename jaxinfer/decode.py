@@ -190,7 +190,8 @@ def batch_decode(q, paged_kv_cache, plan: DecodePlan, *, kv_layout="NHD", sm_sca
                  jax.ShapeDtypeStruct((batch, heads), jnp.float32),
                  jax.ShapeDtypeStruct((items, heads, head_dim), jnp.float32),  # workspace
                  jax.ShapeDtypeStruct((items, heads), jnp.float32))            # workspace
-    slopes = jnp.zeros((heads,), jnp.float32) if alibi_slopes is None else alibi_slopes
+    # Unused operands are empty: a materialised jnp.zeros costs a kernel launch per call.
+    slopes = np.zeros((0,), np.float32) if alibi_slopes is None else alibi_slopes
     o, lse, _, _ = jax.ffi.ffi_call("jaxinfer_batch_decode", out_types, vmap_method="sequential")(
         q, k, v, slopes, plan.kv_indices, plan.items, plan.cta_items, plan.merge_indptr,
         kv_layout=np.int32(kv_layout == "HND"), sm_scale=np.float32(sm_scale),
