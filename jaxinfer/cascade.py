@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import jax.numpy as jnp
 
-from jaxinfer.merge import merge_states
+from jaxinfer.merge import merge_state, merge_states
 from jaxinfer.decode import H100_SMS
 from jaxinfer.prefill import TILE_ROWS, batch_prefill, plan_prefill
 
@@ -115,6 +115,8 @@ def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_lay
         lses.append(lse)
     if len(outs) == 1:
         o, lse = outs[0], lses[0]
+    elif len(outs) == 2:  # the usual cascade: merging the pair saves stacking copies of both
+        o, lse = merge_state(outs[0], lses[0], outs[1], lses[1], implementation=implementation)
     else:
         o, lse = merge_states(jnp.stack(outs, axis=1), jnp.stack(lses, axis=1),
                               implementation=implementation)
