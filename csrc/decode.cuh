@@ -204,8 +204,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
       store_float<T, 8>(s_q + swizzle<D>(r, ch + kChunks / 2), hi);
     }
   };
-  // Q as A fragments, one per 16-wide k-step: held in registers up to D = 128,
-  // re-read from shared memory each tile beyond (registers go to the output).
+  // Q as A fragments, one per 16-wide k-step: held in registers when the
+  // configuration says so (D = 64), else re-read from shared memory each tile
+  // (the registers go to the output, or to a third CTA per SM at D = 128).
   constexpr bool kQInRegisters = Cfg::kQInRegisters;
   auto load_q_frag = [&](uint32_t(&frag)[4], int ks) {
     const int mi = lane / 8;
