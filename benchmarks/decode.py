@@ -80,7 +80,7 @@ def main():
                 if args.only_jaxinfer:
                     row += ["-", "-", "-"]
                 elif batch * kv_len <= (1 << 20):
-                    t = time_per_call(jnp_decode, [q, k, v, jnp.asarray(table)], calls=3)
+                    t = time_per_call(jnp_decode, [q, k, v, jnp.asarray(table)], calls=4)
                     row.append(fmt(t, nbytes, ceiling))
                     try:
                         kp, vp = (jnp.moveaxis(x, 2, 0) for x in (k, v))  # [Hkv, pages, P, D]
