@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -67,19 +68,14 @@ struct Buffers {
   int32_t *kv_indices, *items, *cta_items, *merge_indptr;
 };
 
-template <typename Cfg>
-struct Variant {
-  const char* name;
-};
-
 float time_ms(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0.f;
   cudaEventElapsedTime(&ms, a, b);
   return ms;
 }
 
-// Runs configuration Cfg on case c; returns 1 on a CUDA error. `reference` is
-// filled by the first configuration and compared against by the others.
+// Runs configuration Cfg on case c; returns 1 on a CUDA error or a wrong
+// output. `reference` holds the fp32 kernel's output, computed once per case.
 template <typename Cfg>
 int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference) {
   using namespace jaxinfer;
@@ -163,12 +159,13 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
   std::printf("%-7s %2d/%d b=%-3d kv=%-6d %s | %2d CTA/SM %3d slots %4lld items | %7.1f us %4.2f TB/s | max diff %.3g\n",
               name, c.qo_heads, c.kv_heads, c.batch, c.kv_len, hnd ? "HND" : "NHD", per_sm, num_ctas,
               static_cast<long long>(num_items), us, bytes / us * 1e-6, err);
+  const bool wrong = !(err <= 1e-2f);  // bf16 output of values below 1
   for (void* x : {(void*)d.q, (void*)d.k, (void*)d.v, (void*)d.o, (void*)d.lse, (void*)d.partial_o,
                   (void*)d.partial_lse, (void*)d.kv_indices, (void*)d.items, (void*)d.cta_items,
                   (void*)d.merge_indptr}) {
     cudaFree(x);
   }
-  return 0;
+  return wrong ? 1 : 0;
 }
 
 }  // namespace
