@@ -27,9 +27,9 @@ def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     for i, level in enumerate(plan.levels):
         parts[f"level {i} (batch_prefill, {level.kv_splits.shape[0]} splits)"] = time_per_call(
             prefill, [q, k, v, level])
-    o = jnp.zeros((batch, 2, HQ, D), jnp.bfloat16)
-    lse = jnp.zeros((batch, 2, HQ), jnp.float32)
-    parts["merge_states"] = time_per_call(jaxinfer.merge_states, [o, lse])
+    o = jnp.zeros((batch, HQ, D), jnp.bfloat16)
+    lse = jnp.zeros((batch, HQ), jnp.float32)
+    parts["merge_state of the two levels"] = time_per_call(jaxinfer.merge_state, [o, lse, o, lse])
     suffix_plan = jax.device_put(jaxinfer.plan_decode(
         levels[1][1], own.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
         max_batch=batch, max_pages=num_pages))

@@ -43,6 +43,9 @@ def time_per_call(fn, args, *, repeat=None, calls=10, rounds=5) -> float:
     work, so the host's dispatch cost never sets the pace.
     """
 
+    if calls < 3:
+        raise ValueError(f"calls: the slope needs at least 3 dispatches per round, got {calls}")
+
     def timed(repeat, calls, rounds):
         def many(*a):
             outs = []

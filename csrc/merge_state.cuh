@@ -105,10 +105,12 @@ inline bool programmatic_merge() {
     const char* v = std::getenv("JAXINFER_PDL");
     return v == nullptr || v[0] != '0';
   }();
-  int device = 0, major = 0;
-  if (!enabled || cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    return false;
+  static int major_of[64] = {};  // per device, 0 until asked
+  int device = 0;
+  if (!enabled || cudaGetDevice(&device) != cudaSuccess) return false;
+  int& major = major_of[device & 63];
+  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    major = 0;
   }
   return major >= 9;
 }
