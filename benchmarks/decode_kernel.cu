@@ -6,7 +6,7 @@
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
 //     --expt-relaxed-constexpr benchmarks/decode_kernel.cu -o /tmp/decode_kernel
-//   /tmp/decode_kernel [nhd | hnd | sweep] [JAXINFER_PDL: 0 | 1]
+//   /tmp/decode_kernel [nhd | hnd | sweep] [JAXINFER_PDL: 0 | 1] [pages: 0 shuffled | 1 in order | 2 no table]
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -58,6 +58,10 @@ __global__ void reference_kernel(const jaxinfer::DecodeParams p, int kv_len, int
   for (int d = 0; d < kD; ++d) o[size_t(i) * kD + d] = l > 0.f ? acc[d] / l : 0.f;
 }
 
+// Page order: 0 shuffled (as a long-running server's cache), 1 in order, 2 in
+// order without a page table (the kernel's ragged path: no kv_indices reads).
+int g_pages = 0;
+
 struct Case {
   int qo_heads, kv_heads, batch, kv_len;
 };
@@ -91,7 +95,7 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
   std::vector<int32_t> indptr(c.batch + 1), last(c.batch, (c.kv_len - 1) % kPage + 1), indices(num_pages);
   for (int b = 0; b <= c.batch; ++b) indptr[b] = b * pages_per_seq;
   std::iota(indices.begin(), indices.end(), 0);
-  std::shuffle(indices.begin(), indices.end(), std::mt19937(7));
+  if (g_pages == 0) std::shuffle(indices.begin(), indices.end(), std::mt19937(7));
   const int64_t capacity = c.batch + num_ctas;
   std::vector<int32_t> items(capacity * kItemFields), cta_items(num_ctas + 1), merge_indptr(c.batch + 1);
   const int64_t num_items = split_decode_work(indptr.data(), last.data(), c.batch, kPage, Cfg::kTileKeys,
@@ -126,6 +130,8 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
   p.items = d.items, p.cta_items = d.cta_items, p.merge_indptr = d.merge_indptr;
   p.o = d.o, p.lse = d.lse, p.partial_o = d.partial_o, p.partial_lse = d.partial_lse;
   p.variant.sm_scale = 1.f / std::sqrt(float(kD));
+  const DecodeParams with_table = p;  // for the reference
+  if (g_pages == 2) p.kv.kv_indices = nullptr, p.kv.num_kv_indices = 0;
 
   CHECK(cudaMemset(d.o, 0xff, q_elems * 2));  // poison: NaN where nothing is written
   CHECK((decode_detail::launch<bf16, kD, Cfg>(p, nullptr)));
@@ -136,7 +142,7 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
   if (reference.empty()) {  // the fp32 reference, once per case
     float* ref = nullptr;
     CHECK(cudaMalloc(&ref, q_elems * 4));
-    reference_kernel<<<(c.batch * c.qo_heads + 63) / 64, 64>>>(p, c.kv_len, pages_per_seq, ref);
+    reference_kernel<<<(c.batch * c.qo_heads + 63) / 64, 64>>>(with_table, c.kv_len, pages_per_seq, ref);
     reference.resize(q_elems);
     CHECK(cudaMemcpy(reference.data(), ref, q_elems * 4, cudaMemcpyDeviceToHost));
     cudaFree(ref);
@@ -173,6 +179,7 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
 int main(int argc, char** argv) {
   using jaxinfer::decode_detail::Config;
   if (argc > 2) setenv("JAXINFER_PDL", argv[2], 1);  // the merge as a programmatic dependent (default 1)
+  if (argc > 3) g_pages = std::atoi(argv[3]);          // page order: see g_pages
   const bool hnd = argc > 1 && std::strcmp(argv[1], "hnd") == 0;  // [nhd|hnd|sweep] [PDL 0|1]
   if (argc > 1 && std::strcmp(argv[1], "sweep") == 0) {  // fixed cost: time against length at batch 1
     for (int kv : {16, 256, 1024, 4096, 8192, 16384, 32768, 65536, 131072}) {
@@ -191,7 +198,8 @@ int main(int argc, char** argv) {
     std::vector<float> reference;
     int bad = 0;
     bad |= run<Config<kD>>("landed", c, hnd, reference);
-    bad |= run<Config<kD, 4, 3, 1, true>>("w4s3", c, hnd, reference);  // the configuration before
+    bad |= run<Config<kD, 4, 3, 2, true>>("w4s3x2", c, hnd, reference);  // 2 CTAs/SM, Q in registers
+    bad |= run<Config<kD, 4, 4, 1, true>>("w4s4x1", c, hnd, reference);  // 1 CTA/SM: instruction-bound
     if (bad) return 1;
   }
   return 0;

@@ -54,8 +54,10 @@ __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, co
     const int64_t offset = rows[row];
     const bool ok = offset >= 0;
     const int dst = Layout::at(row, chunk);
-    cp_async_16(s_k + dst, k_base + (ok ? offset + chunk * 8 : 0), ok);
-    cp_async_16(s_v + dst, v_base + (ok ? offset + chunk * 8 : 0), ok);
+    // A missing row's address is formed (as an integer) but never read: no select.
+    const uintptr_t at = uintptr_t(offset + chunk * 8) * sizeof(T);
+    cp_async_16(s_k + dst, reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(k_base) + at), ok);
+    cp_async_16(s_v + dst, reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(v_base) + at), ok);
   }
 }
 

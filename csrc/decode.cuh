@@ -50,6 +50,7 @@ struct Config {
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
   // An item's epilogue merges the warps' fp32 outputs in one consumed stage (K and V).
   static_assert(kWarps * kRows * D * sizeof(float) <= 2 * kTileElems * 2, "epilogue must fit a stage");
+  static_assert(kTileKeys % 32 == 0, "whole warps resolve a tile's key rows");
 };
 
 // The partials of request b are the items merge_indptr[b]..merge_indptr[b+1]
@@ -159,6 +160,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
   // warp still reads.
   constexpr int kRowSlots = kStages + 1;
   __shared__ int64_t s_row[kRowSlots][kTileKeys];
+  // Per row slot and resolving warp: whether any of its rows is -1. A tile
+  // without missing rows needs no mask: its keys lie in [kv_begin, kv_end),
+  // which the cursor already clipped to the window, and the query follows them all.
+  constexpr int kRowWarps = kTileKeys / 32;
+  __shared__ int s_missing[kRowSlots][kRowWarps];
+  auto store_rows = [&](int slot, int64_t row) {  // by the threads tid < kTileKeys (whole warps)
+    s_row[slot][tid] = row;
+    const bool missing = __any_sync(0xffffffff, row < 0);
+    if (lane == 0) s_missing[slot][warp] = missing;
+  };
   auto row_offset = [&](const TileCursor& c) -> int64_t {  // key row tid of c's tile (tid < kTileKeys)
     const int pos = c.first_key() + tid;
     if (c.done() || c.request < 0 || pos >= c.kv_end) return -1;
@@ -176,7 +187,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
   cur.open(p);
   TileCursor ahead = cur;  // the tile whose rows are resolved next
   for (int s = 0; s < kStages; ++s) {
-    if (tid < kTileKeys) s_row[s][tid] = row_offset(ahead);
+    if (tid < kTileKeys) store_rows(s, row_offset(ahead));
     ahead.advance(p);
   }
   __syncthreads();
@@ -318,19 +329,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
       mma_16816<T>(s[1], a, b[2], b[3]);
     }
 
-    // Variant logits and masks, then the online-softmax update per row.
+    // Variant logits (plain ones: the scale folds into the softmax's exponent)
+    // and, on a tile with missing rows, their mask; then the online softmax.
+    float logit_scale = 1.f;
+    if (var.plain_logits() && var.sm_scale > 0.f) {
+      logit_scale = var.sm_scale * AttentionVariant::kLog2e;
+    } else {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int key = key0 + nt * 8 + 2 * tig + (j % 2);
-        const int pos = first + key;
-        const int head = head0 + gid + 8 * (j / 2);
-        const bool ok = s_row[tile % kRowSlots][key] >= 0 && var.visible(pos, q_pos);
-        s[nt][j] = ok ? var.logit(s[nt][j], head, pos, q_pos) : -INFINITY;
+        for (int j = 0; j < 4; ++j) {
+          const int key = key0 + nt * 8 + 2 * tig + (j % 2);
+          s[nt][j] = var.logit(s[nt][j], head0 + gid + 8 * (j / 2), first + key, q_pos);
+        }
       }
     }
-    online_softmax_step(s, m, l, o);
+    bool missing = false;
+#pragma unroll
+    for (int w = 0; w < kRowWarps; ++w) missing |= s_missing[tile % kRowSlots][w] != 0;
+    if (missing) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (s_row[tile % kRowSlots][key0 + nt * 8 + 2 * tig + (j % 2)] < 0) s[nt][j] = -INFINITY;
+        }
+      }
+    }
+    online_softmax_step(s, m, l, o, logit_scale);
 
     // O += P V: P's C fragments are exactly the A fragment of a k=16 step.
     const uint32_t p_frag[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
@@ -343,7 +369,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
       mma_16816<T>(o[2 * dt2], p_frag, b[0], b[1]);
       mma_16816<T>(o[2 * dt2 + 1], p_frag, b[2], b[3]);
     }
-    if (tid < kTileKeys) s_row[(tile + kStages) % kRowSlots][tid] = next_row;
+    if (tid < kTileKeys) store_rows((tile + kStages) % kRowSlots, next_row);
     if (cur.tile == cur.num_tiles - 1) finish_item(cur, stage);
     cur.advance(p);
   }

@@ -26,7 +26,12 @@ struct KvCache {
   // one past the request's pages, or a page outside the cache.
   __device__ __forceinline__ int64_t row_offset(int64_t entry_begin, int64_t entry_end, int pos) const {
     if (pos < 0) return -1;
-    const int page_in_request = pos / page_size;
+    int page_in_request;
+    if ((page_size & (page_size - 1)) == 0) {  // the usual power of two: a shift, not a division
+      page_in_request = pos >> (__ffs(page_size) - 1);
+    } else {
+      page_in_request = pos / page_size;
+    }
     const int64_t entry = entry_begin + page_in_request;
     if (entry >= entry_end) return -1;
     const int64_t page = kv_indices ? int64_t(kv_indices[entry]) : entry;
