@@ -41,21 +41,29 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   const int64_t col = int64_t(threadIdx.x % threads_per_row) * kVec;
   const bool active = row < rows && !states.done(row);
 
+  // One pass with a running max (the accumulators rescaled when it rises), so
+  // each state's lse and values load together: one memory latency, not two.
+  // A state with lse -inf holds nothing and is skipped, whatever its values.
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
     const int n = states.count(row);
 #pragma unroll 4
-    for (int i = group; i < n; i += groups) m = fmaxf(m, states.lse(row, i));
-    if (m != -INFINITY) {
-#pragma unroll 4
-      for (int i = group; i < n; i += groups) {
-        const float w = exp2f(states.lse(row, i) - m);
-        float x[kVec];
-        load_float<Elem, kVec>(states.v(row, i) + col, x);
+    for (int i = group; i < n; i += groups) {
+      const float lse = states.lse(row, i);
+      float x[kVec];
+      load_float<Elem, kVec>(states.v(row, i) + col, x);
+      if (lse == -INFINITY) continue;
+      if (lse > m) {
+        const float scale = exp2f(m - lse);  // 0 for the first state
+        sum *= scale;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] += w * x[k];
-        sum += w;
+        for (int k = 0; k < kVec; ++k) acc[k] *= scale;
+        m = lse;
       }
+      const float w = exp2f(lse - m);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] += w * x[k];
+      sum += w;
     }
   }
   if (groups > 1) {  // group 0 folds in the other groups' (m, sum, acc)
