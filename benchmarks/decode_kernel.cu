@@ -59,7 +59,8 @@ __global__ void reference_kernel(const jaxinfer::DecodeParams p, int kv_len, int
 }
 
 // Page order: 0 shuffled (as a long-running server's cache), 1 in order, 2 in
-// order without a page table (the kernel's ragged path: no kv_indices reads).
+// order without a page table (the kernel's ragged path: no kv_indices reads),
+// 3 every request on the same pages (a shared prefix).
 int g_pages = 0;
 
 struct Case {
@@ -96,6 +97,9 @@ int run(const char* name, const Case& c, bool hnd, std::vector<float>& reference
   for (int b = 0; b <= c.batch; ++b) indptr[b] = b * pages_per_seq;
   std::iota(indices.begin(), indices.end(), 0);
   if (g_pages == 0) std::shuffle(indices.begin(), indices.end(), std::mt19937(7));
+  if (g_pages == 3) {  // one shared prefix: every request names the same pages (L2 reuse across CTAs)
+    for (int i = 0; i < num_pages; ++i) indices[i] = i % pages_per_seq;
+  }
   const int64_t capacity = c.batch + num_ctas;
   std::vector<int32_t> items(capacity * kItemFields), cta_items(num_ctas + 1), merge_indptr(c.batch + 1);
   const int64_t num_items = split_decode_work(indptr.data(), last.data(), c.batch, kPage, Cfg::kTileKeys,
@@ -213,6 +217,7 @@ int main(int argc, char** argv) {
     std::vector<float> reference;
     int bad = 0;
     bad |= run<Config<kD>>("landed", c, hnd, reference);
+    bad |= run<Config<kD, 4, 2, 3, false, false>>("normalL2", c, hnd, reference);  // K/V without evict-first
     bad |= run<Config<kD, 4, 3, 2, true>>("w4s3x2", c, hnd, reference);  // 2 CTAs/SM, Q in registers
     bad |= run<Config<kD, 4, 4, 1, true>>("w4s4x1", c, hnd, reference);  // 1 CTA/SM: instruction-bound
     if (bad) return 1;

@@ -41,10 +41,12 @@ struct BlockSwizzle {
 // Issues the cp.async copies of one K/V tile of kRows keys into the tiles s_k
 // and s_v: key row r starts at element offset rows[r] of k_base and v_base, -1
 // for no key (zero-filled, nothing read). kThreads threads share the 16-byte
-// chunks.
-template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>>
+// chunks. kEvictFirst: the copies carry an L2 evict-first policy (decode,
+// which reads K/V once; prefill re-reads them across query tiles).
+template <typename T, int D, int kRows, int kThreads, typename Layout = RowSwizzle<D>, bool kEvictFirst = false>
 __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, const T* v_base,
                                              const int64_t* rows) {
+  const uint64_t policy = kEvictFirst ? l2_evict_first_policy() : 0;
   constexpr int kChunks = D / 8;
   constexpr int kRowsPerPass = kThreads / kChunks;
   const int chunk = threadIdx.x % kChunks;
@@ -56,8 +58,15 @@ __device__ __forceinline__ void load_kv_tile(T* s_k, T* s_v, const T* k_base, co
     const int dst = Layout::at(row, chunk);
     // A missing row's address is formed (as an integer) but never read: no select.
     const uintptr_t at = uintptr_t(offset + chunk * 8) * sizeof(T);
-    cp_async_16(s_k + dst, reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(k_base) + at), ok);
-    cp_async_16(s_v + dst, reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(v_base) + at), ok);
+    const T* k = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(k_base) + at);
+    const T* v = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(v_base) + at);
+    if constexpr (kEvictFirst) {
+      cp_async_16(s_k + dst, k, ok, policy);
+      cp_async_16(s_v + dst, v, ok, policy);
+    } else {
+      cp_async_16(s_k + dst, k, ok);
+      cp_async_16(s_v + dst, v, ok);
+    }
   }
 }
 

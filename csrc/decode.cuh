@@ -36,7 +36,7 @@ constexpr int kRows = 16;  // query heads per CTA (the mma M)
 // shared memory to fit the registers. jaxinfer/decode.py ctas_per_sm mirrors
 // the CTAs per SM.
 template <int D, int kWarps_ = 4, int kStages_ = (D == 64 ? 3 : 2), int kMinBlocks_ = (D == 128 ? 3 : 1),
-          bool kQRegs_ = (D == 64)>
+          bool kQRegs_ = (D == 64), bool kEvictFirst_ = true>
 struct Config {
   static_assert(D % 64 == 0, "head dim must be a multiple of 64 (8 swizzled 16-byte chunks)");
   static constexpr int kWarps = kWarps_;
@@ -45,6 +45,7 @@ struct Config {
   static constexpr int kStages = kStages_;
   static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the registers must allow
   static constexpr bool kQInRegisters = kQRegs_;  // Q's A fragments kept across tiles
+  static constexpr bool kEvictFirst = kEvictFirst_;  // K/V, read once, leave L2 first (b=1 x 16384: -2%)
   static constexpr int kChunks = D / 8;           // 16-byte chunks per row (16-bit elements)
   static constexpr int kTileElems = kTileKeys * D;
   static constexpr size_t kSmem = (2 * kStages * kTileElems + kRows * D) * 2;
@@ -179,7 +180,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
   // Issues the cp.async of tile `tile` into its stage; missing keys are zero-filled.
   auto load_tile = [&](int tile) {
     T* s_k = stage_k(tile % kStages);
-    load_kv_tile<T, D, kTileKeys, kThreads>(s_k, s_k + Cfg::kTileElems, k_base, v_base, s_row[tile % kRowSlots]);
+    load_kv_tile<T, D, kTileKeys, kThreads, RowSwizzle<D>, Cfg::kEvictFirst>(s_k, s_k + Cfg::kTileElems, k_base, v_base,
+                                                                          s_row[tile % kRowSlots]);
   };
 
   // Prologue: rows of the first kStages tiles, then the first kStages - 1 loads.

@@ -26,6 +26,18 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
       "cp.async.cg.shared.global [%0], [%1], 16, skip;\n}\n" ::"r"(smem_addr(dst)),
       "l"(src), "r"(int(valid)));
 }
+// The same with an L2 cache policy (createpolicy), e.g. evict-first for data read once.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid, uint64_t policy) {
+  asm volatile(
+      "{\n.reg .pred skip;\nsetp.eq.u32 skip, %2, 0;\n"
+      "cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, skip, %3;\n}\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(int(valid)), "l"(policy));
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
