@@ -41,29 +41,40 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   const int64_t col = int64_t(threadIdx.x % threads_per_row) * kVec;
   const bool active = row < rows && !states.done(row);
 
-  // One pass with a running max (the accumulators rescaled when it rises), so
-  // each state's lse and values load together: one memory latency, not two.
-  // A state with lse -inf holds nothing and is skipped, whatever its values.
+  // One pass with a running max (the accumulators rescaled when it rises);
+  // the lse and values of kBatch states load together before any is used, so
+  // their memory latencies overlap. A state with lse -inf holds nothing and is
+  // skipped, whatever its values.
+  constexpr int kBatch = 4;
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
     const int n = states.count(row);
-#pragma unroll 4
-    for (int i = group; i < n; i += groups) {
-      const float lse = states.lse(row, i);
-      float x[kVec];
-      load_float<Elem, kVec>(states.v(row, i) + col, x);
-      if (lse == -INFINITY) continue;
-      if (lse > m) {
-        const float scale = exp2f(m - lse);  // 0 for the first state
-        sum *= scale;
+    for (int first = group; first < n; first += kBatch * groups) {
+      float lse[kBatch], x[kBatch][kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] *= scale;
-        m = lse;
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = first + j * groups;
+        lse[j] = -INFINITY;
+        if (i < n) {
+          lse[j] = states.lse(row, i);
+          load_float<Elem, kVec>(states.v(row, i) + col, x[j]);
+        }
       }
-      const float w = exp2f(lse - m);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) acc[k] += w * x[k];
-      sum += w;
+      for (int j = 0; j < kBatch; ++j) {
+        if (lse[j] == -INFINITY) continue;
+        if (lse[j] > m) {
+          const float scale = exp2f(m - lse[j]);  // 0 for the first state
+          sum *= scale;
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) acc[k] *= scale;
+          m = lse[j];
+        }
+        const float w = exp2f(lse[j] - m);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) acc[k] += w * x[j][k];
+        sum += w;
+      }
     }
   }
   if (groups > 1) {  // group 0 folds in the other groups' (m, sum, acc)
