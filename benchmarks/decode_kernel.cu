@@ -6,7 +6,7 @@
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
 //     --expt-relaxed-constexpr benchmarks/decode_kernel.cu -o /tmp/decode_kernel
-//   /tmp/decode_kernel [nhd | hnd | sweep] [JAXINFER_PDL: 0 | 1] [pages: 0 shuffled | 1 in order | 2 no table]
+//   /tmp/decode_kernel [nhd | hnd | sweep] [JAXINFER_PDL: 0 | 1] [pages: 0 shuffled | 1 in order | 2 no table | 3 shared]
 #include <cuda_bf16.h>
 
 #include <algorithm>
