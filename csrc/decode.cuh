@@ -61,21 +61,24 @@ struct PlanStates {
   using Elem = float;
   const float* o_base; const float* lse_base; const int32_t* merge_indptr;
   int64_t heads, dim, num_items;
-  __device__ int64_t first(int64_t row) const {
-    return min(max(int64_t(merge_indptr[row / heads]), int64_t(0)), num_items);
+  struct Row {
+    int64_t head = 0, first = 0;
+    int count = 0;
+  };
+  __device__ Row row(int64_t r) const {
+    const int64_t first = min(max(int64_t(merge_indptr[r / heads]), int64_t(0)), num_items);
+    const int64_t end = min(max(int64_t(merge_indptr[r / heads + 1]), int64_t(0)), num_items);
+    return {r % heads, first, static_cast<int>(max(end - first, int64_t(0)))};
   }
-  __device__ int count(int64_t row) const {
-    const int64_t end = min(max(int64_t(merge_indptr[row / heads + 1]), int64_t(0)), num_items);
-    return static_cast<int>(max(end - first(row), int64_t(0)));
-  }
-  __device__ bool done(int64_t row) const { return count(row) == 1; }
-  __device__ int64_t index(int64_t row, int i) const { return (first(row) + i) * heads + row % heads; }
+  __device__ int count(const Row& r) const { return r.count; }
+  __device__ bool done(const Row& r) const { return r.count == 1; }
+  __device__ int64_t index(const Row& r, int i) const { return (r.first + i) * heads + r.head; }
 
   static __host__ __device__ PlanStates of(const DecodeParams& p, int64_t dim) {
     return {p.partial_o, p.partial_lse, p.merge_indptr, p.num_qo_heads, dim, p.num_items};
   }
-  __device__ float lse(int64_t row, int i) const { return lse_base[index(row, i)]; }
-  __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
+  __device__ float lse(const Row& r, int i) const { return lse_base[index(r, i)]; }
+  __device__ const float* v(const Row& r, int i) const { return o_base + index(r, i) * dim; }
 };
 
 
@@ -257,7 +260,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) decode_kernel(
     }
     __syncthreads();
     if (c.request < 0) return;
-    const bool whole_request = PlanStates::of(p, D).done(int64_t(c.request) * p.num_qo_heads);
+    const PlanStates plan = PlanStates::of(p, D);
+    const bool whole_request = plan.done(plan.row(int64_t(c.request) * p.num_qo_heads));
     for (int i = tid; i < rows * D; i += kThreads) {
       const int r = i / D, d = i % D;
       float m_all = -INFINITY;

@@ -12,10 +12,14 @@ struct PairStates {
   using Elem = T;
   const T* v_a; const float* s_a; const T* v_b; const float* s_b;
   int64_t dim;
-  __device__ int count(int64_t) const { return 2; }
-  __device__ bool done(int64_t) const { return false; }
-  __device__ float lse(int64_t row, int i) const { return i == 0 ? s_a[row] : s_b[row]; }
-  __device__ const T* v(int64_t row, int i) const { return (i == 0 ? v_a : v_b) + row * dim; }
+  struct Row {
+    int64_t row = 0;
+  };
+  __device__ Row row(int64_t r) const { return {r}; }
+  __device__ int count(const Row&) const { return 2; }
+  __device__ bool done(const Row&) const { return false; }
+  __device__ float lse(const Row& r, int i) const { return i == 0 ? s_a[r.row] : s_b[r.row]; }
+  __device__ const T* v(const Row& r, int i) const { return (i == 0 ? v_a : v_b) + r.row * dim; }
 };
 
 // merge_states: v [tokens, n, heads, dim], lse [tokens, n, heads].
@@ -24,13 +28,15 @@ struct StackedStates {
   using Elem = T;
   const T* v_base; const float* s_base;
   int64_t n, heads, dim;
-  __device__ int count(int64_t) const { return static_cast<int>(n); }
-  __device__ bool done(int64_t) const { return false; }
-  __device__ int64_t index(int64_t row, int i) const {
-    return ((row / heads) * n + i) * heads + row % heads;
-  }
-  __device__ float lse(int64_t row, int i) const { return s_base[index(row, i)]; }
-  __device__ const T* v(int64_t row, int i) const { return v_base + index(row, i) * dim; }
+  struct Row {
+    int64_t row = 0;
+  };
+  __device__ Row row(int64_t r) const { return {r}; }
+  __device__ int count(const Row&) const { return static_cast<int>(n); }
+  __device__ bool done(const Row&) const { return false; }
+  __device__ int64_t index(const Row& r, int i) const { return ((r.row / heads) * n + i) * heads + r.row % heads; }
+  __device__ float lse(const Row& r, int i) const { return s_base[index(r, i)]; }
+  __device__ const T* v(const Row& r, int i) const { return v_base + index(r, i) * dim; }
 };
 
 }  // namespace

@@ -15,11 +15,13 @@
 namespace jaxinfer {
 
 // A States accessor provides, for an output row (token * heads + head):
-//   using Elem = ...;                       // element type of the state values
-//   int count(int64_t row) const;           // number of states
-//   float lse(int64_t row, int i) const;    // base-2 log-sum-exp of state i
-//   const Elem* v(int64_t row, int i) const;  // state i's values [dim]
-//   bool done(int64_t row) const;           // row already written elsewhere: skip it
+//   using Elem = ...;                     // element type of the state values
+//   struct Row {...};                     // what locates the row's states (default: no states)
+//   Row row(int64_t row) const;           // reads no memory the states' writer writes
+//   int count(const Row&) const;          // number of states
+//   float lse(const Row&, int i) const;   // base-2 log-sum-exp of state i
+//   const Elem* v(const Row&, int i) const;  // state i's values [dim]
+//   bool done(const Row&) const;          // row already written elsewhere: skip it
 template <typename Out, int kVec, typename States>
 __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
@@ -27,19 +29,23 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   // group g takes states g, g + groups, ...: with few rows and many states (a
   // split-KV decode at small batch) the groups put every state's loads in
   // flight at once instead of a chain of memory latencies per thread.
-  // Launched as a programmatic dependent of the kernel that wrote the states
-  // (see launch_merge), this CTA may start before that kernel ends; wait for
-  // its completion and its writes. Without such a launch this returns at once.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int threads_per_row = static_cast<int>(dim / kVec);
   const int groups = blockDim.y, group = threadIdx.y;
   const int rows_per_block = blockDim.x / threads_per_row;
   const int local_row = threadIdx.x / threads_per_row;
   const int64_t row = blockIdx.x * int64_t(rows_per_block) + local_row;
   const int64_t col = int64_t(threadIdx.x % threads_per_row) * kVec;
-  const bool active = row < rows && !states.done(row);
+  // Where the row's states lie (a split decode: its plan) is known before
+  // their writer ends, so that read leaves the critical path.
+  typename States::Row at{};
+  if (row < rows) at = states.row(row);
+  // Launched as a programmatic dependent of the kernel that wrote the states
+  // (see launch_merge), this CTA may start before that kernel ends; wait for
+  // its completion and its writes. Without such a launch this returns at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  const bool active = row < rows && !states.done(at);
 
   // One pass with a running max (the accumulators rescaled when it rises);
   // the lse and values of kBatch states load together before any is used, so
@@ -48,7 +54,7 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   constexpr int kBatch = 4;
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
-    const int n = states.count(row);
+    const int n = states.count(at);
     for (int first = group; first < n; first += kBatch * groups) {
       float lse[kBatch], x[kBatch][kVec];
 #pragma unroll
@@ -56,8 +62,8 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
         const int i = first + j * groups;
         lse[j] = -INFINITY;
         if (i < n) {
-          lse[j] = states.lse(row, i);
-          load_float<Elem, kVec>(states.v(row, i) + col, x[j]);
+          lse[j] = states.lse(at, i);
+          load_float<Elem, kVec>(states.v(at, i) + col, x[j]);
         }
       }
 #pragma unroll

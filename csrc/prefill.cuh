@@ -208,11 +208,17 @@ struct SplitStates {
   const float* o_base;
   const float* lse_base;
   int64_t splits, heads, dim;
-  __device__ int count(int64_t) const { return static_cast<int>(splits); }
-  __device__ bool done(int64_t) const { return false; }
-  __device__ int64_t index(int64_t row, int i) const { return ((row / heads) * splits + i) * heads + row % heads; }
-  __device__ float lse(int64_t row, int i) const { return lse_base[index(row, i)]; }
-  __device__ const float* v(int64_t row, int i) const { return o_base + index(row, i) * dim; }
+  struct Row {
+    int64_t row = 0;
+  };
+  __device__ Row row(int64_t r) const { return {r}; }
+  __device__ int count(const Row&) const { return static_cast<int>(splits); }
+  __device__ bool done(const Row&) const { return false; }
+  __device__ int64_t index(const Row& r, int i) const {
+    return ((r.row / heads) * splits + i) * heads + r.row % heads;
+  }
+  __device__ float lse(const Row& r, int i) const { return lse_base[index(r, i)]; }
+  __device__ const float* v(const Row& r, int i) const { return o_base + index(r, i) * dim; }
 };
 
 // The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
