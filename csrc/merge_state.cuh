@@ -121,6 +121,19 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   if (col == 0) s_out[row] = sum > 0.f ? m + log2f(sum) : -INFINITY;
 }
 
+// Compute capability major of the current device (0 if unknown), queried once
+// per device: a host attribute read, not a stream operation.
+inline int current_device_major() {
+  static int major_of[64] = {};  // 0 until asked
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  int& major = major_of[device & 63];
+  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    major = 0;
+  }
+  return major;
+}
+
 // Programmatic dependent launch (sm90+) of the merge after the kernel that
 // writes its states, so that the merge's launch and scheduling overlap that
 // kernel's tail (with the decode kernel's early trigger: 1-1.5 us less per
@@ -130,14 +143,7 @@ inline bool programmatic_merge() {
     const char* v = std::getenv("JAXINFER_PDL");
     return v == nullptr || v[0] != '0';
   }();
-  static int major_of[64] = {};  // per device, 0 until asked
-  int device = 0;
-  if (!enabled || cudaGetDevice(&device) != cudaSuccess) return false;
-  int& major = major_of[device & 63];
-  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    major = 0;
-  }
-  return major >= 9;
+  return enabled && current_device_major() >= 9;
 }
 
 // Launches merge_kernel over `rows` rows of `dim` elements, each merging at

@@ -222,13 +222,7 @@ struct SplitStates {
 };
 
 // The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
-inline bool use_hopper_path(int head_dim) {
-  static int major[64] = {};  // per device, queried once (not a stream operation)
-  int device = 0;
-  cudaGetDevice(&device);
-  if (major[device & 63] == 0) cudaDeviceGetAttribute(&major[device & 63], cudaDevAttrComputeCapabilityMajor, device);
-  return major[device & 63] == 9 && head_dim <= 128;
-}
+inline bool use_hopper_path(int head_dim) { return current_device_major() == 9 && head_dim <= 128; }
 
 // On sm_90a the warp-specialised kernel runs every variant but RoPE on the
 // fly (its keys would need rotating between the copy and the MMA), which the
