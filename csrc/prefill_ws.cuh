@@ -3,7 +3,7 @@
 // softmax, but the loads move to producer warps and no barrier spans the CTA.
 //
 //   warps 8-11 (producer warpgroup): per tile, resolve the key rows (page-table
-//     reads), then copy K (and V of the tile before) into a free stage: by TMA
+//     reads), then copy K and then V into a free stage: by TMA
 //     (csrc/tma.cuh) when no row is missing and the boxes line up (ragged K/V;
 //     pages of 8 to 128 keys from a page-aligned first key), else with
 //     cp.async, which zero-fills missing rows. Each of a stage's K and V has
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid >= kConsumers) {
     // Producer: tile t into stage t % kStages once the consumers have released
-    // the stage's previous K (and V). Thread i resolves key row i; then each
+    // the stage's previous K (then V). Thread i resolves key row i; then each
     // thread copies 16-byte chunk i % kChunks of rows i / kChunks + j * (kProducers / kChunks).
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");  // registers to the consumers
     const int i = tid - kConsumers;
@@ -141,21 +141,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
-    // K runs a tile ahead of V: the consumers need K(t) with V(t - 1), and K's
-    // stage frees early (once the scores' masks are done), V's only after P V.
-    auto load_v = [&](int tile, bool by_tma) {
-      const int s = tile % kStages;
-      if (tile >= kStages) mbarrier_wait(&v_empty[s], ((tile / kStages) - 1) & 1);
-      if (by_tma) {
-        tma_tile(v_stage(s), &tma.v, &v_full[s], kv_lo + tile * kKeys + i);
-      } else {
-        copy_tile(v_stage(s), v_base, s_rows[s], &v_full[s]);  // rows that K(tile + 2) overwrites later
-      }
-    };
-    bool last_by_tma = false;
     for (int tile = 0; tile < num_tiles; ++tile) {
       const int s = tile % kStages;
-      if (tile >= kStages) mbarrier_wait(&k_empty[s], ((tile / kStages) - 1) & 1);
+      const uint32_t reuse_parity = ((tile / kStages) - 1) & 1;
+      if (tile >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
       // The consumers also read s_rows[s] and s_missing[s] (masks) before releasing K.
       const int pos = kv_lo + tile * kKeys + i;
       const int64_t offset = pos < kv_hi ? p.kv.row_offset(item.kv_begin, item.kv_end, pos) : -1;
@@ -175,10 +164,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         copy_tile(k_stage(s), k_base, s_rows[s], &k_full[s]);
       }
-      if (tile > 0) load_v(tile - 1, last_by_tma);
-      last_by_tma = by_tma;
+      if (tile >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
+      if (by_tma) {
+        tma_tile(v_stage(s), &tma.v, &v_full[s], pos);
+      } else {
+        copy_tile(v_stage(s), v_base, s_rows[s], &v_full[s]);
+      }
     }
-    if (num_tiles > 0) load_v(num_tiles - 1, last_by_tma);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");  // 128 x 56 + 256 x 224 <= 64 K
