@@ -142,32 +142,16 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // 3; a row's 4 owners are the lanes of one quad). s * logit_scale are the
 // tile's base-2 logits (-inf = masked); s leaves as unnormalised
 // probabilities, the running max m and this lane's share of the sums l are
-// updated, and scale receives the factor that moves earlier sums to the new
-// max (for rescale_rows; apart, so that a caller can rescale its output once
-// an MMA still adding to it has finished).
-//
-// The row max and sum run as kChains interleaved chains joined by a tree:
-// the Hopper prefill kernel, whose softmax is bound by its dependency latency,
-// gained 2-3% from 4 chains over 1; kernels short of registers keep 1 (4 made
-// the D = 256 prefill kernel spill more).
-template <int kNTiles, int kChains = 1>
-__device__ __forceinline__ void online_softmax_scores(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                      float (&scale)[2], float logit_scale = 1.f) {
-  static_assert(kChains >= 1 && kChains <= kNTiles, "between one chain and one per n-tile");
+// updated, and the output accumulators o rescaled to the new max.
+template <int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
+                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
+  float scale[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float part[kChains];
+    float row_max = -INFINITY;
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-      const float pair = fmaxf(s[nt][2 * r], s[nt][2 * r + 1]);
-      part[nt % kChains] = nt < kChains ? pair : fmaxf(part[nt % kChains], pair);
-    }
-#pragma unroll
-    for (int w = 1; w < kChains; w *= 2) {
-#pragma unroll
-      for (int i = 0; i + w < kChains; i += 2 * w) part[i] = fmaxf(part[i], part[i + w]);
-    }
-    float row_max = part[0];
+    for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 1));
     row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, 2));
     const float m_new = fmaxf(m[r], row_max * logit_scale);
@@ -179,21 +163,9 @@ __device__ __forceinline__ void online_softmax_scores(float (&s)[kNTiles][4], fl
     for (int nt = 0; nt < kNTiles; ++nt) {
       s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], logit_scale, -m_use));
       s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], logit_scale, -m_use));
-      const float pair = s[nt][2 * r] + s[nt][2 * r + 1];
-      part[nt % kChains] = nt == 0 ? l[r] + pair : nt < kChains ? pair : part[nt % kChains] + pair;
+      l[r] += s[nt][2 * r] + s[nt][2 * r + 1];
     }
-#pragma unroll
-    for (int w = 1; w < kChains; w *= 2) {
-#pragma unroll
-      for (int i = 0; i + w < kChains; i += 2 * w) part[i] += part[i + w];
-    }
-    l[r] = part[0];
   }
-}
-
-// Output accumulators (the same two rows per thread) times each row's scale.
-template <int kDTiles>
-__device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float (&scale)[2]) {
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) {
     o[dt][0] *= scale[0];
@@ -201,15 +173,6 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kDTiles][4], const float
     o[dt][2] *= scale[1];
     o[dt][3] *= scale[1];
   }
-}
-
-// Both: the softmax step of a tile and the rescale of the output so far.
-template <int kNTiles, int kDTiles>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kNTiles][4], float (&m)[2], float (&l)[2],
-                                                    float (&o)[kDTiles][4], float logit_scale = 1.f) {
-  float scale[2];
-  online_softmax_scores(s, m, l, scale, logit_scale);
-  rescale_rows(o, scale);
 }
 
 // Large dynamic shared memory needs a one-time opt-in per kernel and device.

@@ -175,10 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       }
     }
 
-    float row_scale[2];
-    softmax_tile<kKeys, 1>(s, m, l, row_scale, p, item, mine, first, tile_masked<kKeys>(p, mine, first, keys_missing),
-                        s_row[tile % kRowSlots], [] {});
-    rescale_rows(o, row_scale);
+    softmax_tile<kKeys>(s, m, l, o, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
 
     // O += P V.
     uint32_t p_frag[kKeys / 16][4];

@@ -73,36 +73,28 @@ __device__ __forceinline__ ThreadRows thread_rows(const PrefillItem& it, int kv_
   return t;
 }
 
-// Whether a warp's score tile (keys at positions first + column) needs the
-// per-element masks: the causal diagonal, window edges, missing keys
-// (keys_missing: any of the tile's), custom masks. Independent of the
-// scores, so callers decide it while the MMA that makes them still runs.
-template <int kKeys>
-__device__ __forceinline__ bool tile_masked(const PrefillParams& p, const ThreadRows& mine, int first,
-                                            bool keys_missing) {
-  return keys_missing || p.custom_mask != nullptr ||
-         !p.variant.all_visible(first, first + kKeys - 1, mine.warp_pos_lo, mine.warp_pos_hi);
-}
-
 // Variant logits and online softmax of one warp's score tile: keys at
-// positions first + column, key_rows[column] < 0 for a missing key; masked
-// from tile_masked. s leaves as the unnormalised probabilities. masks_done()
-// runs once key_rows are no longer read (the warp-specialised kernel frees the
-// K stage). The output is left alone: row_scale receives its factor
-// (rescale_rows). kChains: see online_softmax_scores.
-template <int kKeys, int kChains, typename MasksDone>
+// positions first + column, key_rows[column] < 0 for a missing key
+// (keys_missing: any of the tile's). Per-element masks run only on tiles
+// that need them (the causal diagonal, window edges, missing keys, custom
+// masks). s leaves as the unnormalised probabilities. masks_done() runs once
+// key_rows are no longer read (the warp-specialised kernel frees the K stage).
+template <int kKeys, int kDTiles, typename MasksDone>
 __device__ __forceinline__ void softmax_tile(float (&s)[kKeys / 8][4], float (&m)[2], float (&l)[2],
-                                             float (&row_scale)[2], const PrefillParams& p,
+                                             float (&o)[kDTiles][4], const PrefillParams& p,
                                              const PrefillItem& it, const ThreadRows& mine, int first,
-                                             bool masked, const int64_t* key_rows, MasksDone masks_done) {
-  const float logit_scale = apply_variant(s, p.variant, masked, first, mine.pos, mine.head, [&](int i, int key) {
+                                             bool keys_missing, const int64_t* key_rows, MasksDone masks_done) {
+  const AttentionVariant& var = p.variant;
+  const bool masked = keys_missing || p.custom_mask != nullptr ||
+                      !var.all_visible(first, first + kKeys - 1, mine.warp_pos_lo, mine.warp_pos_hi);
+  const float logit_scale = apply_variant(s, var, masked, first, mine.pos, mine.head, [&](int i, int key) {
     if (!mine.valid[i] || key_rows[key] < 0) return false;
     if (p.custom_mask == nullptr) return true;
     const int64_t at = it.mask_begin + int64_t(mine.token[i]) * it.kv_len + first + key;
     return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
   });
   masks_done();
-  online_softmax_scores<kKeys / 8, kChains>(s, m, l, row_scale, logit_scale);
+  online_softmax_step(s, m, l, o, logit_scale);
 }
 
 // P's C fragments as the A fragments of P V, 16 keys per k-step.
@@ -117,14 +109,15 @@ __device__ __forceinline__ void pack_probabilities(const float (&s)[kKeys / 8][4
   }
 }
 
-// Hopper: issues S = Q K^T for a warpgroup's 64 rows against a
-// BlockSwizzle<kKeys> key tile as one wgmma group (the first MMA overwrites
-// s). q_desc: wgmma_desc(p, 16, 1024) of the first of the warpgroup's rows in
-// a BlockSwizzle<kRows> tile; k_desc: the same of the key tile. (Callers keep
-// descriptors from one tile to the next: building one costs about ten
-// instructions.)
+// Hopper: S = Q K^T for a warpgroup's 64 rows against a BlockSwizzle<kKeys>
+// key tile. q_desc: wgmma_desc(p, 16, 1024) of the first of the warpgroup's
+// rows in a BlockSwizzle<kRows> tile; k_desc: the same of the key tile.
+// (Callers keep descriptors from one tile to the next: building one costs
+// about ten instructions.)
 template <typename T, int D, int kRows, int kKeys>
-__device__ __forceinline__ void issue_scores(float (&s)[kKeys / 8][4], uint64_t q_desc, uint64_t k_desc) {
+__device__ __forceinline__ void wgmma_scores(float (&s)[kKeys / 8][4], uint64_t q_desc, uint64_t k_desc) {
+#pragma unroll
+  for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
   wgmma_fence();
   wgmma_fence_operands(s);
 #pragma unroll
@@ -134,13 +127,14 @@ __device__ __forceinline__ void issue_scores(float (&s)[kKeys / 8][4], uint64_t 
                        k_desc + wgmma_desc_step<T>(block * kKeys * 64 + within), ks > 0);
   }
   wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(s);
 }
 
-// Hopper: issues O += P V as one wgmma group. V [keys][D] is N-major for this
-// product: 64-column blocks kKeys rows apart; v_desc: wgmma_desc(tile, kKeys *
-// 128, 1024).
+// Hopper: O += P V. V [keys][D] is N-major for this product: 64-column blocks
+// kKeys rows apart; v_desc: wgmma_desc(tile, kKeys * 128, 1024).
 template <typename T, int D, int kKeys>
-__device__ __forceinline__ void issue_attend(float (&o)[D / 8][4], const uint32_t (&p_frag)[kKeys / 16][4],
+__device__ __forceinline__ void wgmma_attend(float (&o)[D / 8][4], const uint32_t (&p_frag)[kKeys / 16][4],
                                              uint64_t v_desc) {
   wgmma_fence();
   wgmma_fence_operands(o);
@@ -149,19 +143,6 @@ __device__ __forceinline__ void issue_attend(float (&o)[D / 8][4], const uint32_
     wgmma_rs<T, D>(o, p_frag[kk], v_desc + wgmma_desc_step<T>(kk * 16 * 64));
   }
   wgmma_commit();
-}
-
-// Both, each waited for at once (the barrier-synchronised kernel).
-template <typename T, int D, int kRows, int kKeys>
-__device__ __forceinline__ void wgmma_scores(float (&s)[kKeys / 8][4], uint64_t q_desc, uint64_t k_desc) {
-  issue_scores<T, D, kRows, kKeys>(s, q_desc, k_desc);
-  wgmma_wait<0>();
-  wgmma_fence_operands(s);
-}
-template <typename T, int D, int kKeys>
-__device__ __forceinline__ void wgmma_attend(float (&o)[D / 8][4], const uint32_t (&p_frag)[kKeys / 16][4],
-                                             uint64_t v_desc) {
-  issue_attend<T, D, kKeys>(o, p_frag, v_desc);
   wgmma_wait<0>();
   wgmma_fence_operands(o);
 }

@@ -3,18 +3,18 @@
 // softmax, but the loads move to producer warps and no barrier spans the CTA.
 //
 //   warps 8-11 (producer warpgroup): per tile, resolve the key rows (page-table
-//     reads), then copy K and then V into a free stage: by TMA
-//     (csrc/tma.cuh) when no row is missing and the boxes line up (ragged K/V;
-//     pages of 8 to 128 keys from a page-aligned first key), else with
-//     cp.async, which zero-fills missing rows. Each of a stage's K and V has
-//     its own full / empty barrier pair. setmaxnreg moves registers from this
-//     warpgroup (56) to the consumers (224): 384 threads start at 168 each.
-//   warps 0-7 (two consumer warpgroups of 64 rows): per tile t, wait for K(t)
-//     and V(t - 1), issue S(t) = Q K^T and O += P(t - 1) V(t - 1) together,
-//     variant and softmax of S(t) while P V runs, release K(t), then V(t - 1).
-//     The warpgroups never wait for each other: making them take turns to
-//     issue (FlashAttention-3's ping-pong) measured no faster here
-//     (benchmarks/NOTES.md, P7, P13, P19).
+//     reads), then copy K and then V into a free stage: by TMA (csrc/tma.cuh)
+//     when no row is missing and the boxes line up (ragged K/V; pages of 8 to
+//     128 keys from a page-aligned first key), else with cp.async, which
+//     zero-fills missing rows. Each of a stage's K and V has its own full /
+//     empty barrier pair, so the next K loads as soon as the scores of the
+//     last one are done. setmaxnreg moves registers from this warpgroup (56)
+//     to the consumers (224): 384 threads start at 168 each.
+//   warps 0-7 (two consumer warpgroups of 64 rows): per tile, wait for K,
+//     S = Q K^T, variant and softmax, release K, wait for V, O += P V, release
+//     V. The warpgroups never wait for each other. (Issuing S of the next
+//     tile with P V of this one, and alternating the warpgroups' MMAs as
+//     FlashAttention-3 does, measured no faster here: benchmarks/NOTES.md.)
 //
 // Not for RoPE (the key tile would need rotating between the copy and the
 // MMA); the launcher uses the barrier-synchronised kernel then.
@@ -207,59 +207,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[tile % kStages]);  // this warp is done with it
   };
-  // S of tile t issues with P V of tile t - 1, so the softmax of t runs while
-  // P V of t - 1 is on the tensor pipe (FlashAttention-3's intra-warpgroup
-  // overlap). The MMAs issue unconditionally inside each step (ptxas
-  // serialises wgmmas whose issue it cannot prove), hence the first and last
-  // steps apart.
-  uint32_t p_frag[kKeys / 16][4];  // the last tile's probabilities, the A operand of its P V
-  auto issue_s = [&](float (&sc)[kKeys / 8][4], int tile) {
-    issue_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + (tile % kStages) * kStageStep);
-  };
-  auto issue_pv = [&](int tile) { issue_attend<T, D, kKeys>(o, p_frag, v_desc + (tile % kStages) * kStageStep); };
-  // Whether the tile needs per-element masks: decided while the MMAs run (it
-  // does not depend on the scores), which took 11% of the consumers' time
-  // after the scores' wait.
-  auto needs_mask = [&](int tile) {
-    return tile_masked<kKeys>(p, mine, kv_lo + tile * kKeys, s_missing[tile % kStages] != 0);
-  };
-  // The masks read the producer's row offsets; then K is free.
-  auto softmax = [&](float (&sc)[kKeys / 8][4], int tile, bool masked, float (&row_scale)[2]) {
-    wgmma_fence_operands(sc);
-    softmax_tile<kKeys, 4>(sc, m, l, row_scale, p, item, mine, kv_lo + tile * kKeys, masked, s_rows[tile % kStages],
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int s = tile % kStages;
+    wait_full(k_full, tile);
+    float sc[kKeys / 8][4];
+    wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
+    // The masks read the producer's row offsets and missing flag; then K is free.
+    softmax_tile<kKeys>(sc, m, l, o, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
                         [&] { release(k_empty, tile); });
-    wgmma_fence_operands(sc);  // pins the softmax before the wait for P V
-  };
-  if (num_tiles > 0) {
-    {
-      float sc[kKeys / 8][4], row_scale[2];
-      wait_full(k_full, 0);
-      issue_s(sc, 0);
-      const bool masked = needs_mask(0);
-      wgmma_wait<0>();
-      softmax(sc, 0, masked, row_scale);  // o is still zero: nothing to rescale
-      pack_probabilities<T, kKeys>(sc, p_frag);
-    }
-    for (int tile = 1; tile < num_tiles; ++tile) {
-      float sc[kKeys / 8][4], row_scale[2];
-      wait_full(k_full, tile);
-      wait_full(v_full, tile - 1);
-      issue_s(sc, tile);
-      issue_pv(tile - 1);
-      const bool masked = needs_mask(tile);
-      wgmma_wait<1>();  // the scores; P V of the last tile may still run
-      softmax(sc, tile, masked, row_scale);
-      wgmma_wait<0>();
-      wgmma_fence_operands(o);
-      release(v_empty, tile - 1);
-      rescale_rows(o, row_scale);
-      pack_probabilities<T, kKeys>(sc, p_frag);
-    }
-    wait_full(v_full, num_tiles - 1);
-    issue_pv(num_tiles - 1);
-    wgmma_wait<0>();
-    wgmma_fence_operands(o);
-    release(v_empty, num_tiles - 1);
+
+    uint32_t p_frag[kKeys / 16][4];
+    pack_probabilities<T, kKeys>(sc, p_frag);
+    wait_full(v_full, tile);
+    wgmma_attend<T, D, kKeys>(o, p_frag, v_desc + s * kStageStep);
+    release(v_empty, tile);
   }
 
   write_rows<T, D>(p, item, mine, o, m, l);
