@@ -98,6 +98,7 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng
   p.kv.stride_page = kHkv * kD, p.kv.stride_slot = 0, p.kv.stride_head = kD;
   p.items = upload(items);
   p.o = b.o, p.lse = b.lse;
+  cudaMalloc(&p.work_counter, sizeof(*p.work_counter));
   p.num_splits = 1;
   p.variant.sm_scale = 1.f / std::sqrt(float(kD));
   p.variant.causal = causal;

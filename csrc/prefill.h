@@ -5,8 +5,10 @@
 // Work: the host planner (csrc/prefill_plan.h) cuts each request's queries,
 // packed with their GQA group as rows (row = token * group + head in group),
 // into tiles of kPrefillTileRows rows; one work item per tile, heaviest
-// first. The grid is [item capacity, kv heads]: padding items exit at once,
-// so launches depend on static shapes only, as command buffers require.
+// first. Launches depend on static shapes only, as command buffers require:
+// the portable kernels' grid is [item capacity, kv heads] (padding items exit
+// at once); the Hopper kernel's persistent CTAs (at most one per SM) claim
+// items x heads from a counter and skip padding.
 #pragma once
 #include <cstdint>
 
@@ -49,6 +51,10 @@ struct PrefillParams {
   int num_splits;
   float* partial_o;    // [total_q, num_splits, num_qo_heads, head_dim]
   float* partial_lse;  // [total_q, num_splits, num_qo_heads]
+
+  // Claims of the Hopper kernel's persistent CTAs (8 bytes, device memory):
+  // the launch zeroes it first.
+  unsigned long long* work_counter;
 
   AttentionVariant variant;
 };

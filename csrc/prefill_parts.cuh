@@ -29,8 +29,8 @@ struct PrefillItem {
   }
 };
 
-__device__ __forceinline__ PrefillItem read_prefill_item(const PrefillParams& p, int item, int tile_rows) {
-  const int32_t* f = p.items + int64_t(item) * kPfItemFields;
+// f: the item's kPfItemFields fields (in the plan, or a copy in shared memory).
+__device__ __forceinline__ PrefillItem read_prefill_item(const PrefillParams& p, const int32_t* f, int tile_rows) {
   PrefillItem it;
   it.group = p.num_qo_heads / p.num_kv_heads;
   it.q_begin = min(max(int64_t(f[kPfQBegin]), int64_t(0)), p.total_q);
@@ -46,6 +46,9 @@ __device__ __forceinline__ PrefillItem read_prefill_item(const PrefillParams& p,
   it.kv_hi = min(p.variant.end_visible(it.q_pos_of(it.rows - 1), it.kv_len), f[kPfSplitEnd]);
   it.split = min(max(f[kPfSplit], 0), p.num_splits - 1);
   return it;
+}
+__device__ __forceinline__ PrefillItem read_prefill_item(const PrefillParams& p, int item, int tile_rows) {
+  return read_prefill_item(p, p.items + int64_t(item) * kPfItemFields, tile_rows);
 }
 
 // The two rows a thread holds in m16n8 (and wgmma) C fragments: rows gid and

@@ -176,12 +176,13 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape[:2], jnp.float32),
                  jax.ShapeDtypeStruct(workspace, jnp.float32),
-                 jax.ShapeDtypeStruct(workspace[:3], jnp.float32))
+                 jax.ShapeDtypeStruct(workspace[:3], jnp.float32),
+                 jax.ShapeDtypeStruct((2,), jnp.int32))  # the kernel's work counter
     slopes = options["alibi_slopes"]
     # Unused operands are empty: a materialised jnp.zeros costs a kernel launch per call.
     slopes = np.zeros((0,), np.float32) if slopes is None else slopes
     mask = np.zeros((0,), np.bool_) if custom_mask is None else custom_mask
-    o, lse, _, _ = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
+    o, lse, *_ = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
         q, k, v, slopes, plan.kv_indices, plan.items, mask, kv_splits=np.int32(splits),
         kv_layout=np.int32(kv_layout == "HND"), causal=np.int32(options["causal"]),
         sm_scale=np.float32(options["sm_scale"]),

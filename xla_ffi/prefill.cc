@@ -23,7 +23,8 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
                        ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes, I32 kv_indices,
                        I32 items, ffi::AnyBuffer custom_mask, ffi::Result<ffi::AnyBuffer> o,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> partial_o,
-                       ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, int32_t kv_splits,
+                       ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, ffi::Result<I32> work_counter,
+                       int32_t kv_splits,
                        int32_t kv_layout, int32_t causal,
                        float sm_scale, float logits_soft_cap, int32_t window_left, int32_t use_alibi,
                        int32_t use_mask, int32_t rope, float rope_scale, float rope_theta) {
@@ -78,6 +79,8 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   } else if (kv_splits != 1) {
     return invalid("prefill: kv_splits must be at least 1");
   }
+  if (work_counter->element_count() != 2) return invalid("prefill: the work counter must be int32 [2]");
+  p.work_counter = reinterpret_cast<unsigned long long*>(work_counter->typed_data());  // XLA aligns buffers
   p.variant = ffi_util::attention_variant(sm_scale, causal != 0, logits_soft_cap, window_left,
                                           use_alibi ? alibi_slopes.typed_data() : nullptr, rope != 0,
                                           rope_scale, rope_theta);
@@ -121,6 +124,7 @@ XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
                            .Ret<ffi::Buffer<ffi::F32>>()  // lse
                            .Ret<ffi::Buffer<ffi::F32>>()  // partial_o (KV splits; workspace)
                            .Ret<ffi::Buffer<ffi::F32>>()  // partial_lse (workspace)
+                           .Ret<I32>()                    // work_counter (workspace: 8 bytes)
                            .Attr<int32_t>("kv_splits")
                            .Attr<int32_t>("kv_layout")
                            .Attr<int32_t>("causal")

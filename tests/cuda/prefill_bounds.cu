@@ -41,6 +41,7 @@ int main() {
       }
       cudaMalloc(&p.o, size_t(total_q) * heads * dim * sizeof(__nv_bfloat16));
       cudaMalloc(&p.lse, size_t(total_q) * heads * sizeof(float));
+      cudaMalloc(&p.work_counter, sizeof(*p.work_counter));
       p.num_splits = splits;
       if (splits > 1) {
         cudaMalloc(&p.partial_o, size_t(total_q) * splits * heads * dim * sizeof(float));
