@@ -253,12 +253,13 @@ cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
       if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
       const KvTensorMaps maps = encode_kv_tensor_maps<T, D>(p.kv, p.num_kv_heads);
       // Persistent: one CTA per SM walks its share of the works (items x heads).
-      const int ctas = static_cast<int>(std::min<int64_t>(int64_t(p.num_items) * p.num_kv_heads, device_sm_count()));
-      if (ctas > 0) {
+      const int64_t works = int64_t(p.num_items) * p.num_kv_heads;
+      const int ctas = static_cast<int>(std::min<int64_t>(works, device_sm_count()));
+      if (works > ctas) {  // CTAs claim works past their first from the counter
         if (p.work_counter == nullptr) return cudaErrorInvalidValue;
         if (cudaError_t e = cudaMemsetAsync(p.work_counter, 0, sizeof(*p.work_counter), stream)) return e;
-        kernel<<<ctas, prefill_ws_detail::kThreads, smem, stream>>>(p, maps);
       }
+      if (ctas > 0) kernel<<<ctas, prefill_ws_detail::kThreads, smem, stream>>>(p, maps);
       launched = true;
     }
   }

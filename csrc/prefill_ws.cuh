@@ -13,7 +13,7 @@
 //     cp.async, which zero-fills missing rows. Each of a stage's K and V has
 //     its own full / empty barrier pair, so the next K loads as soon as the
 //     scores of the last one are done. setmaxnreg moves registers from this
-//     warpgroup (72) to the consumers (216): 384 threads start at 168 each.
+//     warpgroup (80) to the consumers (208): 384 threads start at 168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per work, wait for its
 //     queries; per tile, wait for K, S = Q K^T, variant and softmax, release
 //     K, wait for V, O += P V, release V; then release the queries and write
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the consumers have released that stage's previous K (then V). Thread i
     // resolves key row i; each thread copies 16-byte chunk i % kChunks of
     // rows i / kChunks + j * (kProducers / kChunks).
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");  // registers to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");  // registers to the consumers
     const int i = tid - kConsumers;
     static_assert(kProducers % kChunks == 0, "producers cover whole rows");
     constexpr int kRowsPerPass = kProducers / kChunks;
@@ -139,20 +139,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = 0;; ++j) {
       // Claim the next work with rows, in items-major order (w = head * num_items
       // + item: the CTAs at work at once share one head's keys in L2): thread 0
-      // takes indices from the launch's counter; the producers meet at named
-      // barrier 1 to read the claim. Unused plan rows (request < 0) end each
-      // head's items: the first claim of one moves the counter to the next head.
+      // claims, the producers meet at named barrier 1 to read it. A CTA's first
+      // work is its own index; later ones come from the launch's counter (only
+      // when works outnumber CTAs: then the launcher zeroes it). Unused plan
+      // rows (request < 0) end each head's items: a claim of one moves the
+      // counter to the next head.
       int64_t w = num_works;
       const int32_t* f = nullptr;
       PrefillItem item{};
       for (;;) {
         if (i == 0) {
-          int64_t claim = num_works;
-          for (;;) {
-            claim = static_cast<int64_t>(atomicAdd(p.work_counter, 1ull));
-            if (claim >= num_works) break;
-            if (p.items[(claim % num_items) * kPfItemFields + kPfRequest] >= 0) break;
-            atomicMax(p.work_counter, static_cast<unsigned long long>((claim / num_items + 1) * num_items));
+          const int64_t ctas = gridDim.x;
+          auto next = [&]() -> int64_t {
+            return num_works > ctas ? ctas + static_cast<int64_t>(atomicAdd(p.work_counter, 1ull)) : num_works;
+          };
+          int64_t claim = claims == 0 ? int64_t(blockIdx.x) : next();
+          while (claim < num_works && p.items[(claim % num_items) * kPfItemFields + kPfRequest] < 0) {
+            const int64_t head_end = (claim / num_items + 1) * num_items;
+            if (num_works > ctas && head_end > ctas) {
+              atomicMax(p.work_counter, static_cast<unsigned long long>(head_end - ctas));
+            }
+            claim = next();
           }
           s_claim[claims % 2] = min(claim, num_works);
         }
@@ -242,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");  // 128 x 72 + 256 x 216 <= 64 K
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");  // 128 x 80 + 256 x 208 <= 64 K
 
   // Consumers: per work, S = Q K^T, variant and softmax, release K, O += P V,
   // release V for each tile; then release the queries and write the rows.
