@@ -12,9 +12,7 @@ struct PairStates {
   using Elem = T;
   const T* v_a; const float* s_a; const T* v_b; const float* s_b;
   int64_t dim;
-  struct Row {
-    int64_t row = 0;
-  };
+  using Row = RowIndex;
   __device__ Row row(int64_t r) const { return {r}; }
   __device__ int count(const Row&) const { return 2; }
   __device__ bool done(const Row&) const { return false; }
@@ -28,9 +26,7 @@ struct StackedStates {
   using Elem = T;
   const T* v_base; const float* s_base;
   int64_t n, heads, dim;
-  struct Row {
-    int64_t row = 0;
-  };
+  using Row = RowIndex;
   __device__ Row row(int64_t r) const { return {r}; }
   __device__ int count(const Row&) const { return static_cast<int>(n); }
   __device__ bool done(const Row&) const { return false; }

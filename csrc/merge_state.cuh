@@ -22,6 +22,12 @@ namespace jaxinfer {
 //   float lse(const Row&, int i) const;   // base-2 log-sum-exp of state i
 //   const Elem* v(const Row&, int i) const;  // state i's values [dim]
 //   bool done(const Row&) const;          // row already written elsewhere: skip it
+
+// Row of the accessors whose states follow from the row index alone.
+struct RowIndex {
+  int64_t row = 0;
+};
+
 template <typename Out, int kVec, typename States>
 __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
@@ -121,18 +127,19 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
   if (col == 0) s_out[row] = sum > 0.f ? m + log2f(sum) : -INFINITY;
 }
 
-// Compute capability major of the current device (0 if unknown), queried once
-// per device: a host attribute read, not a stream operation.
-inline int current_device_major() {
-  static int major_of[64] = {};  // 0 until asked
+// An attribute of the current device (0 if unknown), queried once per device:
+// a host attribute read, not a stream operation.
+template <cudaDeviceAttr kAttribute>
+int current_device_attribute() {
+  static int value_of[64] = {};  // 0 until asked
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  int& major = major_of[device & 63];
-  if (major == 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    major = 0;
-  }
-  return major;
+  int& value = value_of[device & 63];
+  if (value == 0 && cudaDeviceGetAttribute(&value, kAttribute, device) != cudaSuccess) value = 0;
+  return value;
 }
+
+inline int current_device_major() { return current_device_attribute<cudaDevAttrComputeCapabilityMajor>(); }
 
 // Programmatic dependent launch (sm90+) of the merge after the kernel that
 // writes its states, so that the merge's launch and scheduling overlap that

@@ -209,9 +209,7 @@ struct SplitStates {
   const float* o_base;
   const float* lse_base;
   int64_t splits, heads, dim;
-  struct Row {
-    int64_t row = 0;
-  };
+  using Row = RowIndex;
   __device__ Row row(int64_t r) const { return {r}; }
   __device__ int count(const Row&) const { return static_cast<int>(splits); }
   __device__ bool done(const Row&) const { return false; }
@@ -221,16 +219,6 @@ struct SplitStates {
   __device__ float lse(const Row& r, int i) const { return lse_base[index(r, i)]; }
   __device__ const float* v(const Row& r, int i) const { return o_base + index(r, i) * dim; }
 };
-
-// SMs of the current device, queried once per device (a host attribute read).
-inline int device_sm_count() {
-  static int count_of[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  int& count = count_of[device & 63];
-  if (count == 0 && cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) count = 0;
-  return count > 0 ? count : 1;
-}
 
 // The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
 inline bool use_hopper_path(int head_dim) { return current_device_major() == 9 && head_dim <= 128; }
@@ -254,7 +242,7 @@ cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
       const KvTensorMaps maps = encode_kv_tensor_maps<T, D>(p.kv, p.num_kv_heads);
       // Persistent: one CTA per SM walks its share of the works (items x heads).
       const int64_t works = int64_t(p.num_items) * p.num_kv_heads;
-      const int ctas = static_cast<int>(std::min<int64_t>(works, device_sm_count()));
+      const int ctas = static_cast<int>(std::min<int64_t>(works, std::max(current_device_attribute<cudaDevAttrMultiProcessorCount>(), 1)));
       if (works > ctas) {  // CTAs claim works past their first from the counter
         if (p.work_counter == nullptr) return cudaErrorInvalidValue;
         if (cudaError_t e = cudaMemsetAsync(p.work_counter, 0, sizeof(*p.work_counter), stream)) return e;

@@ -53,7 +53,7 @@ struct PrefillParams {
   float* partial_lse;  // [total_q, num_splits, num_qo_heads]
 
   // Claims of the Hopper kernel's persistent CTAs (8 bytes, device memory):
-  // the launch zeroes it first.
+  // the launch zeroes it when works outnumber CTAs.
   unsigned long long* work_counter;
 
   AttentionVariant variant;

@@ -4,9 +4,10 @@
 // CTA, and one CTA per SM walks works (an item and a KV head) claimed from a
 // counter, so a work's first loads overlap the last one's end.
 //
-//   warps 8-11 (producer warpgroup): per work, claim it (items-major order,
-//     the launch's counter), publish its item's fields and copy its query
-//     rows into a free query buffer; then per tile resolve the key rows
+//   warps 8-11 (producer warpgroup): per work, claim it (items-major order:
+//     a CTA's own index first, then the launch's counter), publish its
+//     item's fields and copy its query rows into a free query buffer; then
+//     per tile resolve the key rows
 //     (page-table reads) and copy K and then V into a free stage: by TMA
 //     (csrc/tma.cuh) when no row is missing and the boxes line up (ragged
 //     K/V; pages of 8 to 128 keys from a page-aligned first key), else with
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int qb = j % kQBuffers;
       if (j >= kQBuffers) mbarrier_wait(&q_empty[qb], ((j / kQBuffers) - 1) & 1);
       const bool done = w >= num_works;
-      const int kv_head = done ? -1 : static_cast<int>(w / p.num_items);
+      const int kv_head = done ? -1 : static_cast<int>(w / num_items);
       if (i < kPfItemFields) s_work[qb][i] = done ? 0 : f[i];
       if (i == kPfItemFields) s_work[qb][i] = kv_head;
       const int num_tiles = done ? 0 : item.num_tiles(kKeys);
