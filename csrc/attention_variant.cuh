@@ -26,6 +26,21 @@ struct AttentionVariant {
 
   static constexpr float kLog2e = 1.4426950408889634f;
 
+  // The plain variant: a positive scale and causal or not, nothing else.
+  // Kernels built for it see the other fields as constants (plain() below),
+  // so the other variants' code leaves their loops.
+  bool is_plain() const {
+    return sm_scale > 0.f && soft_cap <= 0.f && window_left < 0 && alibi_slopes == nullptr && !rope;
+  }
+#ifdef __CUDACC__
+  __host__ __device__ static AttentionVariant plain(float sm_scale, bool causal) {
+    AttentionVariant v;
+    v.sm_scale = sm_scale;
+    v.causal = causal;
+    return v;
+  }
+#endif
+
 #ifdef __CUDACC__  // hooks; host code only fills the fields
 
   // Logit in the base-2 domain (log2(e) folded in), before masking.

@@ -176,7 +176,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
       }
     }
 
-    softmax_tile<kKeys>(s, m, l, o, p, item, mine, first, keys_missing, s_row[tile % kRowSlots], [] {});
+    softmax_tile<kKeys>(s, m, l, o, var, p.custom_mask, p.mask_len, item, mine, first, keys_missing,
+                        s_row[tile % kRowSlots], [] {});
 
     // O += P V.
     uint32_t p_frag[kKeys / 16][4];
@@ -223,6 +224,16 @@ struct SplitStates {
 // The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
 inline bool use_hopper_path(int head_dim) { return current_device_major() == 9 && head_dim <= 128; }
 
+template <typename T, int D, bool kPlain>
+cudaError_t run_prefill_ws(const PrefillParams& p, int ctas, cudaStream_t stream) {
+  constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D, kPlain>;
+  constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
+  if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
+  const KvTensorMaps maps = encode_kv_tensor_maps<T, D>(p.kv, p.num_kv_heads);
+  if (ctas > 0) kernel<<<ctas, prefill_ws_detail::kThreads, smem, stream>>>(p, maps);
+  return cudaSuccess;
+}
+
 // On sm_90a the warp-specialised kernel runs every variant but RoPE on the
 // fly (its keys would need rotating between the copy and the MMA), which the
 // barrier-synchronised Hopper path keeps.
@@ -236,10 +247,6 @@ cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
   bool launched = false;
   if constexpr (kHopper) {
     if (!p.variant.rope) {
-      constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D>;
-      constexpr size_t smem = prefill_ws_detail::Layout<D>::kSmem;
-      if (cudaError_t e = allow_dynamic_smem<kernel>(smem)) return e;
-      const KvTensorMaps maps = encode_kv_tensor_maps<T, D>(p.kv, p.num_kv_heads);
       // Persistent: one CTA per SM walks its share of the works (items x heads).
       const int64_t works = int64_t(p.num_items) * p.num_kv_heads;
       const int ctas = static_cast<int>(std::min<int64_t>(works, std::max(current_device_attribute<cudaDevAttrMultiProcessorCount>(), 1)));
@@ -247,7 +254,10 @@ cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
         if (p.work_counter == nullptr) return cudaErrorInvalidValue;
         if (cudaError_t e = cudaMemsetAsync(p.work_counter, 0, sizeof(*p.work_counter), stream)) return e;
       }
-      if (ctas > 0) kernel<<<ctas, prefill_ws_detail::kThreads, smem, stream>>>(p, maps);
+      const bool plain = p.variant.is_plain() && p.custom_mask == nullptr;
+      if (cudaError_t e = plain ? run_prefill_ws<T, D, true>(p, ctas, stream) : run_prefill_ws<T, D, false>(p, ctas, stream)) {
+        return e;
+      }
       launched = true;
     }
   }

@@ -80,21 +80,24 @@ __device__ __forceinline__ ThreadRows thread_rows(const PrefillItem& it, int kv_
 // positions first + column, key_rows[column] < 0 for a missing key
 // (keys_missing: any of the tile's). Per-element masks run only on tiles
 // that need them (the causal diagonal, window edges, missing keys, custom
-// masks). s leaves as the unnormalised probabilities. masks_done() runs once
-// key_rows are no longer read (the warp-specialised kernel frees the K stage).
+// masks). var and custom_mask are the kernel's own copies, so that a kernel
+// built for the plain variant passes constants and the other variants' code
+// folds away. s leaves as the unnormalised probabilities. masks_done() runs
+// once key_rows are no longer read (the warp-specialised kernel frees the K
+// stage).
 template <int kKeys, int kDTiles, typename MasksDone>
 __device__ __forceinline__ void softmax_tile(float (&s)[kKeys / 8][4], float (&m)[2], float (&l)[2],
-                                             float (&o)[kDTiles][4], const PrefillParams& p,
-                                             const PrefillItem& it, const ThreadRows& mine, int first,
-                                             bool keys_missing, const int64_t* key_rows, MasksDone masks_done) {
-  const AttentionVariant& var = p.variant;
-  const bool masked = keys_missing || p.custom_mask != nullptr ||
+                                             float (&o)[kDTiles][4], const AttentionVariant& var,
+                                             const uint8_t* custom_mask, int64_t mask_len, const PrefillItem& it,
+                                             const ThreadRows& mine, int first, bool keys_missing,
+                                             const int64_t* key_rows, MasksDone masks_done) {
+  const bool masked = keys_missing || custom_mask != nullptr ||
                       !var.all_visible(first, first + kKeys - 1, mine.warp_pos_lo, mine.warp_pos_hi);
   const float logit_scale = apply_variant(s, var, masked, first, mine.pos, mine.head, [&](int i, int key) {
     if (!mine.valid[i] || key_rows[key] < 0) return false;
-    if (p.custom_mask == nullptr) return true;
+    if (custom_mask == nullptr) return true;
     const int64_t at = it.mask_begin + int64_t(mine.token[i]) * it.kv_len + first + key;
-    return at >= 0 && at < p.mask_len && p.custom_mask[at] != 0;
+    return at >= 0 && at < mask_len && custom_mask[at] != 0;
   });
   masks_done();
   online_softmax_step(s, m, l, o, logit_scale);

@@ -67,7 +67,9 @@ struct Layout {
 // One persistent CTA per SM walks its works; producer and consumers meet only
 // at mbarriers, and the producer runs a work ahead: the next work's queries
 // and first tiles load while the consumers finish and write the last one.
-template <typename T, int D>
+// kPlain: built for the plain variant (AttentionVariant::is_plain, no custom
+// mask); the variant code then folds out of the consumer loop.
+template <typename T, int D, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_ws_kernel(const PrefillParams p, const __grid_constant__ KvTensorMaps tma) {
   using L = Layout<D>;
@@ -254,6 +256,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers: per work, S = Q K^T, variant and softmax, release K, O += P V,
   // release V for each tile; then release the queries and write the rows.
+  const AttentionVariant var = kPlain ? AttentionVariant::plain(p.variant.sm_scale, p.variant.causal) : p.variant;
+  const uint8_t* custom_mask = kPlain ? nullptr : p.custom_mask;
   const uint64_t k_desc = wgmma_desc(k_stage(0), 16, 1024), v_desc = wgmma_desc(v_stage(0), kKeys * 128, 1024);
   constexpr uint64_t kStageStep = wgmma_desc_step<T>(L::kTileElems);
   auto wait_full = [&](uint64_t* full, int g) {
@@ -284,8 +288,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       float sc[kKeys / 8][4];
       wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
       // The masks read the producer's row offsets and missing flag; then K is free.
-      softmax_tile<kKeys>(sc, m, l, o, p, item, mine, kv_lo + tile * kKeys, s_missing[s] != 0, s_rows[s],
-                          [&] { release(&k_empty[s]); });
+      softmax_tile<kKeys>(sc, m, l, o, var, custom_mask, p.mask_len, item, mine, kv_lo + tile * kKeys,
+                          s_missing[s] != 0, s_rows[s], [&] { release(&k_empty[s]); });
 
       uint32_t p_frag[kKeys / 16][4];
       pack_probabilities<T, kKeys>(sc, p_frag);
