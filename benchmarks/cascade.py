@@ -4,8 +4,8 @@ bf16, 32 query / 8 KV heads, head dim 128, page 16, one query per request.
 Every request shares one prefix and has its own suffix. Flat: batch_decode
 over each request's full page list (the prefix pages repeated in every
 table, so the prefix is read once per request). Cascade: the prefix level
-runs every request's query against the prefix once, the suffix level per
-request, then the merge. Reports time and the speed-up over flat.
+runs every request's query against the prefix once, then the suffix level per
+request, which merges the prefix level's state into its result as it writes it. Reports time and the speed-up over flat.
 """
 
 import os
@@ -24,12 +24,16 @@ def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     """Times the cascade's parts alone (--breakdown): what a speed-up has to come from."""
     prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, return_lse=True)  # noqa: E731
     parts = {}
-    for i, level in enumerate(plan.levels):
-        parts[f"level {i} (batch_prefill, {level.kv_splits.shape[0]} splits)"] = time_per_call(
-            prefill, [q, k, v, level])
-    o = jnp.zeros((batch, HQ, D), jnp.bfloat16)
-    lse = jnp.zeros((batch, HQ), jnp.float32)
-    parts["merge_state of the two levels"] = time_per_call(jaxinfer.merge_state, [o, lse, o, lse])
+    shared, suffix = plan.levels
+    parts[f"level 0 (batch_prefill, {shared.kv_splits.shape[0]} splits)"] = time_per_call(
+        prefill, [q, k, v, shared])
+    state = (jnp.zeros((batch, HQ, D), jnp.bfloat16), jnp.zeros((batch, HQ), jnp.float32))
+    parts["level 1 (batch_prefill, causal, merge_with level 0)"] = time_per_call(
+        lambda q, k, v, p, s: jaxinfer.batch_prefill(q, (k, v), p, causal=True, merge_with=s,
+                                                     return_lse=True), [q, k, v, suffix, state])
+    parts["level 1 without merge_with"] = time_per_call(
+        lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, causal=True, return_lse=True),
+        [q, k, v, suffix])
     suffix_plan = jax.device_put(jaxinfer.plan_decode(
         levels[1][1], own.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
         max_batch=batch, max_pages=num_pages))

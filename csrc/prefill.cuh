@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const PrefillParam
   }
 
   const ThreadRows mine = thread_rows(item, kv_head);
+  prefetch_merge_state<T, D>(p, item, mine);
 
   // Portable path: Q fragments stay in registers for D <= 128.
   constexpr bool kQInRegisters = !kHopper && D <= 128;

@@ -52,6 +52,12 @@ struct PrefillParams {
   float* partial_o;    // [total_q, num_splits, num_qo_heads, head_dim]
   float* partial_lse;  // [total_q, num_splits, num_qo_heads]
 
+  // Optional (nullptr: none): the state of the same rows over other keys, o in
+  // q's dtype [total_q, num_qo_heads, head_dim] and lse [total_q, num_qo_heads]
+  // (base 2), merged into the result (a cascade's levels chain this way).
+  const void* merge_o;
+  const float* merge_lse;
+
   // Claims of the Hopper kernel's persistent CTAs (8 bytes, device memory):
   // the launch zeroes it when works outnumber CTAs.
   unsigned long long* work_counter;

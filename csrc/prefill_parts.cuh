@@ -153,8 +153,28 @@ __device__ __forceinline__ void wgmma_attend(float (&o)[D / 8][4], const uint32_
   wgmma_fence_operands(o);
 }
 
+// The merge_with rows this thread will read in write_rows, prefetched into L2
+// as a work starts, so that its end does not wait twice on DRAM (lse, then o).
+template <typename T, int D>
+__device__ __forceinline__ void prefetch_merge_state(const PrefillParams& p, const PrefillItem& it,
+                                                     const ThreadRows& mine) {
+  if (p.merge_o == nullptr || it.split != 0) return;
+  constexpr int kLines = D * sizeof(T) / 128;  // 128-byte lines of a row: 1, 2 or 4
+  const int tig = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!mine.valid[i]) continue;
+    const int64_t row = (it.q_begin + mine.token[i]) * p.num_qo_heads + mine.head[i];
+    if (tig == 0) prefetch_l2(p.merge_lse + row);
+    if (tig < kLines) prefetch_l2(static_cast<const T*>(p.merge_o) + row * D + tig * (128 / sizeof(T)));
+  }
+}
+
 // Normalises and writes this thread's two rows (zeros and -inf for a row that
 // saw no key): to o and lse, or to the partial state of the item's KV split.
+// A merge_with state (p.merge_o, p.merge_lse: the same rows over other keys)
+// joins the state of split 0 by merge_state's rule, so the result, or the
+// merge of the splits, covers both key sets.
 template <typename T, int D>
 __device__ __forceinline__ void write_rows(const PrefillParams& p, const PrefillItem& it, const ThreadRows& mine,
                                            const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2]) {
@@ -164,24 +184,52 @@ __device__ __forceinline__ void write_rows(const PrefillParams& p, const Prefill
     l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
     l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
     if (!mine.valid[i]) continue;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const float row_lse = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
     const int64_t token = it.q_begin + mine.token[i];
+    const int64_t out_row = token * p.num_qo_heads + mine.head[i];
+    // Row value at column c: o[c] * scale (+ other_weight * other[c]).
+    float scale = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    float row_lse = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
+    const T* other = nullptr;
+    float other_weight = 0.f;
+    if (p.merge_o != nullptr && it.split == 0) {
+      const float other_lse = p.merge_lse[out_row];
+      const float top = fmaxf(row_lse, other_lse);
+      if (top > -INFINITY) {  // else neither state saw a key: zeros, -inf
+        const float w_self = exp2f(row_lse - top), w_other = exp2f(other_lse - top);
+        const float sum = w_self + w_other;
+        scale *= w_self / sum;
+        other_weight = w_other / sum;
+        other = static_cast<const T*>(p.merge_o) + out_row * D;
+        row_lse = top + log2f(sum);
+      }
+    }
+    auto pair_at = [&](int dt, float (&pair)[2]) {
+      pair[0] = o[dt][2 * i] * scale;
+      pair[1] = o[dt][2 * i + 1] * scale;
+      if (other != nullptr) {
+        float x[2];
+        load_float<T, 2>(other + dt * 8 + 2 * tig, x);
+        pair[0] = fmaf(other_weight, x[0], pair[0]);
+        pair[1] = fmaf(other_weight, x[1], pair[1]);
+      }
+    };
     if (p.partial_o != nullptr) {
       const int64_t state = (token * p.num_splits + it.split) * p.num_qo_heads + mine.head[i];
       float* out = p.partial_o + state * D;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt) {
-        *reinterpret_cast<float2*>(out + dt * 8 + 2 * tig) = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+        float pair[2];
+        pair_at(dt, pair);
+        *reinterpret_cast<float2*>(out + dt * 8 + 2 * tig) = make_float2(pair[0], pair[1]);
       }
       if (tig == 0) p.partial_lse[state] = row_lse;
       continue;
     }
-    const int64_t out_row = token * p.num_qo_heads + mine.head[i];
     T* out = static_cast<T*>(p.o) + out_row * D;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      const float pair[2] = {o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv};
+      float pair[2];
+      pair_at(dt, pair);
       store_float<T, 2>(out + dt * 8 + 2 * tig, pair);
     }
     if (tig == 0) p.lse[out_row] = row_lse;

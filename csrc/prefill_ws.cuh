@@ -22,6 +22,9 @@
 //     next tile with P V of this one, and alternating the warpgroups' MMAs as
 //     FlashAttention-3 does, measured no faster here: benchmarks/NOTES.md.)
 //
+// Built twice: for any variant, and for the plain one (scale, causal or not),
+// whose consumer loop then holds no variant code at all: half the
+// instructions, and 4-28% faster on causal shapes (benchmarks/NOTES.md P28).
 // Not for RoPE (the key tile would need rotating between the copy and the
 // MMA); the launcher uses the barrier-synchronised kernel then.
 #pragma once
@@ -278,6 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int num_tiles = item.num_tiles(kKeys), kv_lo = item.kv_lo;
     fence_async_shared();  // the queries came by cp.async; wgmma reads them
     const ThreadRows mine = thread_rows(item, kv_head);
+    prefetch_merge_state<T, D>(p, item, mine);
     // This warpgroup's 64 rows: 8 KB into each block of the query tile.
     const uint64_t q_desc = wgmma_desc(q_buffer(qb) + (warp / 4) * 64 * 64, 16, 1024);
     float o[D / 8][4] = {};

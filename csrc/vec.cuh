@@ -49,6 +49,11 @@ __device__ __forceinline__ void store_float(T* __restrict__ dst, const float (&s
   *reinterpret_cast<Packed<T, N>*>(dst) = p;
 }
 
+// Brings the 128-byte line holding `at` into L2 (no register result, no wait).
+__device__ __forceinline__ void prefetch_l2(const void* at) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(at));
+}
+
 template <typename T> struct TypeTag { using type = T; };
 
 // Returns f(TypeTag<T>{}) with T the CUDA type of dtype: the one place where a

@@ -7,7 +7,8 @@ the prompt of parallel samples), and the last level has one group per request
 holding its own suffix. Each level runs as one batch prefill (its groups are
 the "requests"; the shared level's queries of all requests go through the
 kernel together, so the prefix is read once per step, not once per request),
-and the levels' partial outputs merge by their log-sum-exp:
+and each level merges the levels above into its result by their log-sum-exp
+as it writes it:
 
 >>> plan = jaxinfer.plan_cascade([shared_level, suffix_level], num_qo_heads=32,
 ...                              num_kv_heads=8, page_size=16, max_q_tokens=256,
@@ -29,9 +30,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-import jax.numpy as jnp
-
-from jaxinfer.merge import merge_state, merge_states
 from jaxinfer.decode import H100_SMS
 from jaxinfer.prefill import TILE_ROWS, batch_prefill, plan_prefill
 
@@ -105,20 +103,13 @@ def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_lay
     if len(paged_kv_caches) != len(plan.levels):
         raise ValueError(f"paged_kv_caches: expected one cache per level ({len(plan.levels)}), "
                          f"got {len(paged_kv_caches)}")
-    outs, lses = [], []
+    # Each level merges the levels above into its own result as it writes it
+    # (batch_prefill's merge_with): no separate merge pass.
+    state = None
     for i, (cache, level) in enumerate(zip(paged_kv_caches, plan.levels)):
         last = i == len(plan.levels) - 1
-        o, lse = batch_prefill(q, cache, level, kv_layout=kv_layout, causal=causal and last,
-                               sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, return_lse=True,
-                               implementation=implementation)
-        outs.append(o)
-        lses.append(lse)
-    if len(outs) == 1:
-        o, lse = outs[0], lses[0]
-    elif len(outs) == 2:  # the usual cascade: merging the pair saves stacking copies of both
-        o, lse = merge_state(outs[0], lses[0], outs[1], lses[1], implementation=implementation)
-    else:
-        o, lse = merge_states(jnp.stack(outs, axis=1), jnp.stack(lses, axis=1),
-                              implementation=implementation)
+        state = batch_prefill(q, cache, level, kv_layout=kv_layout, causal=causal and last,
+                              sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, merge_with=state,
+                              return_lse=True, implementation=implementation)
+    o, lse = state
     return (o, lse) if return_lse else o
-

@@ -151,8 +151,8 @@ def _options(dims, head_dim, causal, sm_scale, logits_soft_cap, window_left, ali
                 rope_theta=float(rope_theta))
 
 
-def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, reference_fn,
-         dims, options):
+def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implementation,
+         reference_fn, dims, options):
     int32 = (jnp.int32,)
     dims.check("plan.qo_indptr", plan.qo_indptr, ("max_batch_plus_1",), int32)
     dims.check("plan.kv_indptr", plan.kv_indptr, ("max_batch_plus_1",), int32)
@@ -160,6 +160,13 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
     dims.check("plan.kv_splits", plan.kv_splits, ("kv_splits",), int32)
     if custom_mask is not None:
         dims.check("custom_mask", custom_mask, ("mask_len",), (jnp.bool_,))
+    if merge_with is not None:
+        if not isinstance(merge_with, (tuple, list)) or len(merge_with) != 2:
+            raise ValueError("merge_with: expected a pair (o, lse)")
+        dims.check("merge_with[0]", merge_with[0], ("max_q_tokens", "num_qo_heads", "head_dim"),
+                   (q.dtype,))
+        dims.check("merge_with[1]", merge_with[1], ("max_q_tokens", "num_qo_heads"),
+                   (jnp.float32,))
     if dims.dims["num_qo_heads"] % dims.dims["num_kv_heads"]:
         raise ValueError(f"q: num_qo_heads={dims.dims['num_qo_heads']} must be a multiple of "
                          f"num_kv_heads={dims.dims['num_kv_heads']}")
@@ -169,7 +176,12 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
         raise ValueError(f"implementation='ffi': the prefill kernel takes head_dim in "
                          f"{KERNEL_HEAD_DIMS} and bfloat16/float16, got {head_dim}, {q.dtype}")
     if not (_ffi.use_ffi("prefill", implementation) and kernel_ok):
-        return reference_fn(custom_mask=custom_mask, return_lse=return_lse, **options)
+        if merge_with is None:
+            return reference_fn(custom_mask=custom_mask, return_lse=return_lse, **options)
+        o, lse = reference_fn(custom_mask=custom_mask, return_lse=True, **options)
+        o, lse = reference.merge_state(o, lse, *merge_with)
+        o = o.astype(q.dtype)
+        return (o, lse) if return_lse else o
 
     splits = plan.kv_splits.shape[0]
     workspace = (q.shape[0], splits, *q.shape[1:]) if splits > 1 else (1, 1, 1, 1)
@@ -182,14 +194,18 @@ def _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, refe
     # Unused operands are empty: a materialised jnp.zeros costs a kernel launch per call.
     slopes = np.zeros((0,), np.float32) if slopes is None else slopes
     mask = np.zeros((0,), np.bool_) if custom_mask is None else custom_mask
+    merge_o, merge_lse = ((np.zeros((0,), q.dtype), np.zeros((0,), np.float32))
+                          if merge_with is None else merge_with)
     o, lse, *_ = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
-        q, k, v, slopes, plan.kv_indices, plan.items, mask, kv_splits=np.int32(splits),
+        q, k, v, slopes, plan.kv_indices, plan.items, mask, merge_o, merge_lse,
+        kv_splits=np.int32(splits),
         kv_layout=np.int32(kv_layout == "HND"), causal=np.int32(options["causal"]),
         sm_scale=np.float32(options["sm_scale"]),
         logits_soft_cap=np.float32(options["logits_soft_cap"]),
         window_left=np.int32(options["window_left"]),
         use_alibi=np.int32(options["alibi_slopes"] is not None),
-        use_mask=np.int32(custom_mask is not None), rope=np.int32(options["rope"]),
+        use_mask=np.int32(custom_mask is not None), use_merge=np.int32(merge_with is not None),
+        rope=np.int32(options["rope"]),
         rope_scale=np.float32(options["rope_scale"]), rope_theta=np.float32(options["rope_theta"]))
     return (o, lse) if return_lse else o
 
@@ -201,6 +217,10 @@ _OPTIONS_DOC = """
       custom_mask: bool [mask_len] or None: request b's [q_len, kv_len] mask (row major)
         flattened and concatenated in request order; mask_len may exceed the total
         (a static size; the tail is ignored). True = visible, combined with the other masks.
+      merge_with: None, or (o, lse) of the same query rows over OTHER keys (o like q,
+        lse float32 [max_q_tokens, num_qo_heads], base 2): the result is then the merge
+        of both states, as ``merge_state`` would give, without a separate merge pass (a
+        cascade chains its levels this way). Rows that see no key here return it as is.
       return_lse: also return the log-sum-exp [max_q_tokens, num_qo_heads], BASE 2.
       implementation: None (custom call when available), "ffi" or "reference".
     Returns o [max_q_tokens, num_qo_heads, head_dim] in q's dtype: zeros for rows past
@@ -210,8 +230,8 @@ _OPTIONS_DOC = """
 
 def batch_prefill(q, paged_kv_cache, plan: PrefillPlan, *, kv_layout="NHD", causal=False,
                   sm_scale=None, logits_soft_cap=0.0, window_left=-1, alibi_slopes=None,
-                  rope=False, rope_scale=1.0, rope_theta=1e4, custom_mask=None, return_lse=False,
-                  implementation=None):
+                  rope=False, rope_scale=1.0, rope_theta=1e4, custom_mask=None, merge_with=None,
+                  return_lse=False, implementation=None):
     """Prefill / append attention over a paged KV cache.
 
     Args:
@@ -236,14 +256,14 @@ def batch_prefill(q, paged_kv_cache, plan: PrefillPlan, *, kv_layout="NHD", caus
         return reference.paged_attention(q, cache, plan.qo_indptr, plan.kv_indptr, plan.kv_indices,
                                          plan.kv_last_page_len, kv_layout=kv_layout, **kw)
 
-    return _run(q, k, v, plan, kv_layout, custom_mask, return_lse, implementation, reference_fn,
-                dims, options)
+    return _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implementation,
+                reference_fn, dims, options)
 
 
 def batch_prefill_ragged(q, k, v, plan: PrefillPlan, *, causal=False, sm_scale=None,
                          logits_soft_cap=0.0, window_left=-1, alibi_slopes=None, rope=False,
-                         rope_scale=1.0, rope_theta=1e4, custom_mask=None, return_lse=False,
-                         implementation=None):
+                         rope_scale=1.0, rope_theta=1e4, custom_mask=None, merge_with=None,
+                         return_lse=False, implementation=None):
     """Prefill / append attention over ragged (packed) K/V.
 
     Args:
@@ -265,5 +285,5 @@ def batch_prefill_ragged(q, k, v, plan: PrefillPlan, *, causal=False, sm_scale=N
     def reference_fn(**kw):
         return reference.ragged_attention(q, k, v, plan.qo_indptr, plan.kv_indptr, **kw)
 
-    return _run(q, k, v, plan, "NHD", custom_mask, return_lse, implementation, reference_fn,
-                dims, options)
+    return _run(q, k, v, plan, "NHD", custom_mask, merge_with, return_lse, implementation,
+                reference_fn, dims, options)

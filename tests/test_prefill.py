@@ -227,6 +227,10 @@ def test_bad_inputs_name_the_argument():
         jaxinfer.batch_prefill(q, cache, plan, custom_mask=jnp.zeros(15, jnp.int32))
     with pytest.raises(ValueError, match=r"^plan.kv_indices: expected shape \[0\] \(a ragged plan\)"):
         jaxinfer.batch_prefill_ragged(q, q[:, :1], q[:, :1], plan)
+    with pytest.raises(ValueError, match=r"^merge_with\[1\]: expected shape \[max_q_tokens="):
+        jaxinfer.batch_prefill(q, cache, plan, merge_with=(q, jnp.zeros((2, 2), jnp.float32)))
+    with pytest.raises(ValueError, match=r"^merge_with: expected a pair"):
+        jaxinfer.batch_prefill(q, cache, plan, merge_with=q)
     ragged = make_case([3], [5], head_dim=64, group=2, paged=False)
     with pytest.raises(ValueError, match=r"^plan.kv_indices: empty; this plan is for ragged"):
         jaxinfer.batch_prefill(q, cache, ragged["plan"])
@@ -313,6 +317,22 @@ def test_gpu_prefill_kv_splits(paged):
 
 def test_prefill_kv_splits_on_default_device():
     check(make_case([2, 5], [200, 5], head_dim=64, group=2, page_size=8, kv_splits=3), causal=True)
+
+
+@pytest.mark.parametrize("head_dim,kv_splits", [(64, 1), (64, 3), (256, 1), (256, 3)])
+def test_merge_with_equals_merge_state(head_dim, kv_splits):
+    """The result merged with another state as it is written (the padding rows, which see
+    no key, return that state; one of its rows saw no key either)."""
+    case = make_case([5, 17, 1], [9, 140, 1], head_dim=head_dim, group=2, num_kv_heads=2, page_size=4,
+                     kv_splits=kv_splits)
+    q = case["q"]
+    other_o = jax.random.normal(jax.random.key(7), q.shape, q.dtype)
+    other_lse = (4 * jax.random.normal(jax.random.key(8), q.shape[:2])).at[3].set(-jnp.inf)
+    poison_allocator((q.shape, q.dtype), (q.shape[:2], jnp.float32))
+    o, lse = run(case, causal=True, merge_with=(other_o, other_lse))
+    want_o, want_lse = reference.merge_state(*reference_rows(case, causal=True), other_o, other_lse)
+    assert_close(o, want_o.astype(q.dtype), q.dtype, name="o")
+    assert_close(lse, want_lse, q.dtype, name="lse")
 
 
 @pytest.mark.gpu

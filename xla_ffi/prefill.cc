@@ -21,13 +21,15 @@ using I32 = ffi::Buffer<ffi::S32>;
 // ragged: k, v [total_kv, Hkv, D] with kv_indices of size 0.
 ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                        ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes, I32 kv_indices,
-                       I32 items, ffi::AnyBuffer custom_mask, ffi::Result<ffi::AnyBuffer> o,
+                       I32 items, ffi::AnyBuffer custom_mask, ffi::AnyBuffer merge_o,
+                       ffi::Buffer<ffi::F32> merge_lse, ffi::Result<ffi::AnyBuffer> o,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, ffi::Result<ffi::Buffer<ffi::F32>> partial_o,
                        ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, ffi::Result<I32> work_counter,
                        int32_t kv_splits,
                        int32_t kv_layout, int32_t causal,
                        float sm_scale, float logits_soft_cap, int32_t window_left, int32_t use_alibi,
-                       int32_t use_mask, int32_t rope, float rope_scale, float rope_theta) {
+                       int32_t use_mask, int32_t use_merge, int32_t rope, float rope_scale,
+                       float rope_theta) {
   const auto dtype = ffi_util::to_dtype(q.element_type());
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
@@ -66,6 +68,14 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
   if (p.num_items > 65535) return invalid("prefill: more than 65535 work items");
   p.custom_mask = use_mask ? static_cast<const uint8_t*>(custom_mask.untyped_data()) : nullptr;
   p.mask_len = custom_mask.size_bytes();
+  if (use_merge) {
+    if (merge_o.element_type() != q.element_type() || merge_o.element_count() != q.element_count() ||
+        merge_lse.element_count() != p.total_q * p.num_qo_heads) {
+      return invalid("prefill: merge_with must be o like q and lse [tokens, heads]");
+    }
+    p.merge_o = merge_o.untyped_data();
+    p.merge_lse = merge_lse.typed_data();
+  }
   p.o = o->untyped_data();
   p.lse = lse->typed_data();
   p.num_splits = kv_splits;
@@ -120,6 +130,8 @@ XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
                            .Arg<I32>()                    // kv_indices (size 0 when ragged)
                            .Arg<I32>()                    // items
                            .Arg<ffi::AnyBuffer>()         // custom_mask (bool)
+                           .Arg<ffi::AnyBuffer>()         // merge_with: o (size 0 when unused)
+                           .Arg<ffi::Buffer<ffi::F32>>()  // merge_with: lse
                            .Ret<ffi::AnyBuffer>()         // o
                            .Ret<ffi::Buffer<ffi::F32>>()  // lse
                            .Ret<ffi::Buffer<ffi::F32>>()  // partial_o (KV splits; workspace)
@@ -133,6 +145,7 @@ XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
                            .Attr<int32_t>("window_left")
                            .Attr<int32_t>("use_alibi")
                            .Attr<int32_t>("use_mask")
+                           .Attr<int32_t>("use_merge")
                            .Attr<int32_t>("rope")
                            .Attr<float>("rope_scale")
                            .Attr<float>("rope_theta"),
