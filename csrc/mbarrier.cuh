@@ -20,6 +20,20 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
 
+// One arrival for the calling warp (by lane 0, after the warp has converged),
+// tied to `dependent`: the arrive's result, reduced to a signed zero, is added
+// to it. ptxas otherwise sinks an arrive below independent arithmetic: in the
+// prefill kernel, below the whole softmax, so the producer learned 1500
+// cycles late that a K stage was free (benchmarks/NOTES.md P30).
+__device__ __forceinline__ void warp_arrive_before(uint64_t* bar, float& dependent) {
+  __syncwarp();
+  uint64_t state = 0;
+  if (threadIdx.x % 32 == 0) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 %0, [%1];\n" : "=l"(state) : "r"(smem_addr(bar)) : "memory");
+  }
+  dependent += __int_as_float(static_cast<int>(state) & static_cast<int>(0x80000000u));  // + 0 or - 0
+}
+
 // The barrier's pending count rises now and falls when this thread's earlier
 // cp.async copies have landed: its phase cannot complete before they have.
 __device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint64_t* bar) {

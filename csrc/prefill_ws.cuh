@@ -291,9 +291,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wait_full(k_full, g);
       float sc[kKeys / 8][4];
       wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
-      // The masks read the producer's row offsets and missing flag; then K is free.
+      // The masks read the producer's row offsets and missing flag; then K is
+      // free, and the producer hears so before the softmax runs.
       softmax_tile<kKeys>(sc, m, l, o, var, custom_mask, p.mask_len, item, mine, kv_lo + tile * kKeys,
-                          s_missing[s] != 0, s_rows[s], [&] { release(&k_empty[s]); });
+                          s_missing[s] != 0, s_rows[s], [&] { warp_arrive_before(&k_empty[s], sc[0][0]); });
 
       uint32_t p_frag[kKeys / 16][4];
       pack_probabilities<T, kKeys>(sc, p_frag);
