@@ -4,8 +4,9 @@ bf16, 32 query / 8 KV heads, head dim 128, page 16, one query per request.
 Every request shares one prefix and has its own suffix. Flat: batch_decode
 over each request's full page list (the prefix pages repeated in every
 table, so the prefix is read once per request). Cascade: the prefix level
-runs every request's query against the prefix once, then the suffix level per
-request, which merges the prefix level's state into its result as it writes it. Reports time and the speed-up over flat.
+runs every request's query against the prefix once, then the suffix level
+per request, which merges the prefix level's state into its result as it
+writes it. Reports time and the speed-up over flat.
 """
 
 import os

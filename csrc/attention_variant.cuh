@@ -32,16 +32,15 @@ struct AttentionVariant {
   bool is_plain() const {
     return sm_scale > 0.f && soft_cap <= 0.f && window_left < 0 && alibi_slopes == nullptr && !rope;
   }
-#ifdef __CUDACC__
+
+#ifdef __CUDACC__  // hooks; host code only fills the fields
+
   __host__ __device__ static AttentionVariant plain(float sm_scale, bool causal) {
     AttentionVariant v;
     v.sm_scale = sm_scale;
     v.causal = causal;
     return v;
   }
-#endif
-
-#ifdef __CUDACC__  // hooks; host code only fills the fields
 
   // Logit in the base-2 domain (log2(e) folded in), before masking.
   __device__ __forceinline__ float logit(float qk, int qo_head, int kv_pos, int q_pos) const {

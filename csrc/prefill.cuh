@@ -225,6 +225,7 @@ struct SplitStates {
 // The Hopper path on sm_90 devices for head dims up to 128, else the portable one.
 inline bool use_hopper_path(int head_dim) { return current_device_major() == 9 && head_dim <= 128; }
 
+// The persistent kernel on `ctas` CTAs, built for the plain variant or for any.
 template <typename T, int D, bool kPlain>
 cudaError_t run_prefill_ws(const PrefillParams& p, int ctas, cudaStream_t stream) {
   constexpr auto kernel = prefill_ws_detail::prefill_ws_kernel<T, D, kPlain>;
@@ -256,9 +257,9 @@ cudaError_t run_prefill(const PrefillParams& p, cudaStream_t stream) {
         if (cudaError_t e = cudaMemsetAsync(p.work_counter, 0, sizeof(*p.work_counter), stream)) return e;
       }
       const bool plain = p.variant.is_plain() && p.custom_mask == nullptr;
-      if (cudaError_t e = plain ? run_prefill_ws<T, D, true>(p, ctas, stream) : run_prefill_ws<T, D, false>(p, ctas, stream)) {
-        return e;
-      }
+      const cudaError_t e = plain ? run_prefill_ws<T, D, true>(p, ctas, stream)
+                                  : run_prefill_ws<T, D, false>(p, ctas, stream);
+      if (e != cudaSuccess) return e;
       launched = true;
     }
   }
