@@ -180,7 +180,6 @@ def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implemen
             return reference_fn(custom_mask=custom_mask, return_lse=return_lse, **options)
         o, lse = reference_fn(custom_mask=custom_mask, return_lse=True, **options)
         o, lse = reference.merge_state(o, lse, *merge_with)
-        o = o.astype(q.dtype)
         return (o, lse) if return_lse else o
 
     splits = plan.kv_splits.shape[0]
