@@ -58,6 +58,12 @@ struct PrefillParams {
   const void* merge_o;
   const float* merge_lse;
 
+  // The order in which the Hopper kernel's persistent CTAs claim works (items
+  // x KV heads): false, a head's items together (they share its keys in L2);
+  // true, every head of an item together, so the plan's order (heaviest
+  // first) holds across heads (a fused cascade: jaxinfer/cascade.py).
+  bool heads_inner;
+
   // Claims of the Hopper kernel's persistent CTAs (8 bytes, device memory):
   // the launch zeroes it when works outnumber CTAs.
   unsigned long long* work_counter;

@@ -140,15 +140,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     const bool ragged = p.kv.kv_indices == nullptr;
     const int64_t num_items = p.num_items, num_works = num_items * p.num_kv_heads;
+    // Work w is (item, KV head): items-major (w = head * num_items + item: the
+    // CTAs at work at once share one head's keys in L2), or heads-inner (w =
+    // item * heads + head: the plan's order holds across heads, as a fused
+    // cascade's heavy shared items need).
+    auto item_of = [&](int64_t w) { return p.heads_inner ? w / p.num_kv_heads : w % num_items; };
     int g = 0;       // tiles issued
     int claims = 0;  // also picks the claim's slot
     for (int j = 0;; ++j) {
-      // Claim the next work with rows, in items-major order (w = head * num_items
-      // + item: the CTAs at work at once share one head's keys in L2): thread 0
-      // claims, the producers meet at named barrier 1 to read it. A CTA's first
-      // work is its own index; later ones come from the launch's counter (only
-      // when works outnumber CTAs: then the launcher zeroes it). Unused plan
-      // rows (request < 0) end each head's items: a claim of one moves the
+      // Claim the next work with rows: thread 0 claims, the producers meet at
+      // named barrier 1 to read it. A CTA's first work is its own index; later
+      // ones come from the launch's counter (only when works outnumber CTAs:
+      // then the launcher zeroes it). Unused plan rows (request < 0) end the
+      // items: a claim of one ends the launch (heads-inner) or moves the
       // counter to the next head.
       int64_t w = num_works;
       const int32_t* f = nullptr;
@@ -160,7 +164,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             return num_works > ctas ? ctas + static_cast<int64_t>(atomicAdd(p.work_counter, 1ull)) : num_works;
           };
           int64_t claim = claims == 0 ? int64_t(blockIdx.x) : next();
-          while (claim < num_works && p.items[(claim % num_items) * kPfItemFields + kPfRequest] < 0) {
+          while (claim < num_works && p.items[item_of(claim) * kPfItemFields + kPfRequest] < 0) {
+            if (p.heads_inner) {
+              claim = num_works;
+              break;
+            }
             const int64_t head_end = (claim / num_items + 1) * num_items;
             if (num_works > ctas && head_end > ctas) {
               atomicMax(p.work_counter, static_cast<unsigned long long>(head_end - ctas));
@@ -172,14 +180,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         asm volatile("bar.sync 1, %0;\n" ::"n"(kProducers) : "memory");
         w = s_claim[claims++ % 2];  // thread 0 rewrites this slot two claims on, past another bar.sync
         if (w >= num_works) break;
-        f = p.items + (w % num_items) * kPfItemFields;
+        f = p.items + item_of(w) * kPfItemFields;
         item = read_prefill_item(p, f, kRows);
         if (item.rows > 0) break;
       }
       const int qb = j % kQBuffers;
       if (j >= kQBuffers) mbarrier_wait(&q_empty[qb], ((j / kQBuffers) - 1) & 1);
       const bool done = w >= num_works;
-      const int kv_head = done ? -1 : static_cast<int>(w / num_items);
+      const int kv_head = done ? -1 : static_cast<int>(p.heads_inner ? w % p.num_kv_heads : w / num_items);
       if (i < kPfItemFields) s_work[qb][i] = done ? 0 : f[i];
       if (i == kPfItemFields) s_work[qb][i] = kv_head;
       const int num_tiles = done ? 0 : item.num_tiles(kKeys);

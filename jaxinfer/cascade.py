@@ -20,6 +20,14 @@ g owns query rows ``qo_indptr[g]:qo_indptr[g+1]`` and the keys of pages
 ``kv_indices[kv_indptr[g]:kv_indptr[g+1]]``. The result equals attention of
 each query over the concatenation of its groups' keys, level by level.
 
+When every level reads one page pool (the same cache object at every level,
+as a serving system keeps its pages) and an upper level is cut into KV splits
+(few queries over long shared keys: decode), all levels run as ONE launch of
+the prefill kernel instead: every level's work items in one list, heaviest
+first, each writing the partial state of its level's splits, merged once at
+the end. The short per-request items then fill the GPU as the long shared
+ones end, and the levels pay one start-up and one merge between them.
+
 Only the last level knows positions (its queries are the last positions of
 its keys): ``causal`` applies there, the upper levels are fully visible, and
 options that need absolute positions across levels (window, ALiBi, RoPE) are
@@ -30,14 +38,28 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
+
 from jaxinfer.decode import H100_SMS
-from jaxinfer.prefill import TILE_ROWS, batch_prefill, plan_prefill
+from jaxinfer.prefill import (ITEM_FIELDS, ITEM_KV_BEGIN, ITEM_KV_END, ITEM_KV_LEN, ITEM_Q_LEN,
+                              ITEM_REQUEST, ITEM_SPLIT, ITEM_SPLIT_BEGIN, ITEM_SPLIT_END, TILE_ROWS,
+                              batch_prefill, kernel_runs, plan_prefill, prefill_items)
+
+
+class FusedLevels(NamedTuple):
+    """Every level's work for one launch of the prefill kernel (all int32)."""
+
+    kv_indices: np.ndarray  # the levels' page tables one after another
+    items: np.ndarray       # the levels' items, heaviest first, then unused rows (request -1)
+    kv_splits: np.ndarray   # its LENGTH: partial states per query row, the levels' splits in order
 
 
 class CascadePlan(NamedTuple):
-    """One PrefillPlan per level, top (most shared) first."""
+    """One PrefillPlan per level, top (most shared) first, and the same work as one
+    launch (None where the levels run one after another: see the module's doc)."""
 
     levels: tuple
+    fused: FusedLevels | None = None
 
 
 def shared_kv_splits(max_q_tokens: int, num_qo_heads: int, num_kv_heads: int,
@@ -84,7 +106,49 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
             raise ValueError(f"levels[{i}]: its groups cover {total} query rows, level 0's {rows}")
         rows = total
         plans.append(plan)
-    return CascadePlan(tuple(plans))
+    # One launch needs a partial state per level's split for every query row; an
+    # upper level with splits has that workspace already.
+    split = any(plan.kv_splits.shape[0] > 1 for plan in plans[:-1])
+    return CascadePlan(tuple(plans), _fuse(plans) if split else None)
+
+
+def _fuse(plans) -> FusedLevels:
+    """The levels' items as one list: level l's splits, page table entries and
+    positions moved past those of the levels before it."""
+    lists, splits, pages = [], 0, 0
+    for i, plan in enumerate(plans):
+        items = plan.items[plan.items[:, ITEM_REQUEST] >= 0]
+        items[:, ITEM_SPLIT] += splits
+        items[:, ITEM_KV_BEGIN] += pages
+        items[:, ITEM_KV_END] += pages
+        if i < len(plans) - 1:
+            # An upper level's keys all precede the queries. Counting the queries
+            # into its length puts them after every key, so the last level's causal
+            # mask hides none; its slices, clipped to its real length (the last
+            # ones may pass it: they are rounded to 64 keys), still end there.
+            length = items[:, ITEM_KV_LEN].copy()
+            items[:, ITEM_SPLIT_BEGIN] = np.minimum(items[:, ITEM_SPLIT_BEGIN], length)
+            items[:, ITEM_SPLIT_END] = np.minimum(items[:, ITEM_SPLIT_END], length)
+            items[:, ITEM_KV_LEN] += items[:, ITEM_Q_LEN]
+        lists.append(items)
+        splits += plan.kv_splits.shape[0]
+        pages += plan.kv_indices.shape[0]
+    used = np.concatenate(lists)
+    used = used[np.argsort(used[:, ITEM_SPLIT_BEGIN] - used[:, ITEM_SPLIT_END], kind="stable")]
+    items = np.zeros((sum(plan.items.shape[0] for plan in plans), ITEM_FIELDS), np.int32)
+    items[:, ITEM_REQUEST] = -1
+    items[:used.shape[0]] = used
+    return FusedLevels(np.concatenate([plan.kv_indices for plan in plans]), items,
+                       np.arange(splits, dtype=np.int32))
+
+
+def _one_pool(caches) -> bool:
+    """Whether every level names the same cache arrays."""
+    def arrays(cache):
+        return tuple(cache) if isinstance(cache, (tuple, list)) else (cache,)
+    first = arrays(caches[0])
+    return all(len(arrays(c)) == len(first) and all(x is y for x, y in zip(arrays(c), first))
+               for c in caches[1:])
 
 
 def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_layout="NHD",
@@ -94,7 +158,8 @@ def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_lay
 
     Args:
       q: [max_q_tokens, num_qo_heads, head_dim].
-      paged_kv_caches: one paged cache per level ((k, v) or one array; see batch_prefill).
+      paged_kv_caches: one paged cache per level ((k, v) or one array; see batch_prefill);
+        the same arrays at every level allow the single launch (module doc).
       plan: from plan_cascade.
       causal: on the last level (the per-request suffix), as for batch_prefill.
       sm_scale, logits_soft_cap, return_lse, implementation: as for batch_prefill.
@@ -103,6 +168,12 @@ def cascade_attention(q, paged_kv_caches: Sequence, plan: CascadePlan, *, kv_lay
     if len(paged_kv_caches) != len(plan.levels):
         raise ValueError(f"paged_kv_caches: expected one cache per level ({len(plan.levels)}), "
                          f"got {len(paged_kv_caches)}")
+    if plan.fused is not None and _one_pool(paged_kv_caches) and kernel_runs(q, implementation):
+        fused = plan.fused
+        o, lse = prefill_items(q, paged_kv_caches[0], fused.kv_indices, fused.items,
+                               fused.kv_splits.shape[0], kv_layout=kv_layout, causal=causal,
+                               sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
+        return (o, lse) if return_lse else o
     # Each level merges the levels above into its own result as it writes it
     # (batch_prefill's merge_with): no separate merge pass.
     state = None

@@ -32,7 +32,9 @@ from jaxinfer._checks import Shapes
 from jaxinfer.decode import KERNEL_DTYPES, KERNEL_HEAD_DIMS, _split_cache
 
 TILE_ROWS = 128  # packed query rows per work item (csrc/prefill.h kPrefillTileRows)
-ITEM_FIELDS = 11  # columns of PrefillPlan.items (csrc/prefill.h PrefillItemField)
+# Columns of PrefillPlan.items (csrc/prefill.h PrefillItemField), and their count.
+(ITEM_REQUEST, ITEM_Q_BEGIN, ITEM_Q_LEN, ITEM_ROW_BEGIN, ITEM_KV_LEN, ITEM_KV_BEGIN, ITEM_KV_END,
+ ITEM_MASK_BEGIN, ITEM_SPLIT, ITEM_SPLIT_BEGIN, ITEM_SPLIT_END, ITEM_FIELDS) = range(12)
 
 
 class PrefillPlan(NamedTuple):
@@ -182,7 +184,15 @@ def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implemen
         o, lse = reference.merge_state(o, lse, *merge_with)
         return (o, lse) if return_lse else o
 
-    splits = plan.kv_splits.shape[0]
+    return _kernel(q, k, v, plan.kv_indices, plan.items, plan.kv_splits.shape[0], kv_layout,
+                   options, custom_mask=custom_mask, merge_with=merge_with, return_lse=return_lse)
+
+
+def _kernel(q, k, v, kv_indices, items, splits, kv_layout, options, *, custom_mask=None,
+            merge_with=None, return_lse=True, heads_inner=False):
+    """The custom call, on checked operands; splits: the static number of KV splits.
+    heads_inner: the persistent kernel claims every head of an item together, so that
+    the items' order holds across heads (csrc/prefill.h)."""
     workspace = (q.shape[0], splits, *q.shape[1:]) if splits > 1 else (1, 1, 1, 1)
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape[:2], jnp.float32),
@@ -196,7 +206,7 @@ def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implemen
     merge_o, merge_lse = ((np.zeros((0,), q.dtype), np.zeros((0,), np.float32))
                           if merge_with is None else merge_with)
     o, lse, *_ = jax.ffi.ffi_call("jaxinfer_batch_prefill", out_types, vmap_method="sequential")(
-        q, k, v, slopes, plan.kv_indices, plan.items, mask, merge_o, merge_lse,
+        q, k, v, slopes, kv_indices, items, mask, merge_o, merge_lse,
         kv_splits=np.int32(splits),
         kv_layout=np.int32(kv_layout == "HND"), causal=np.int32(options["causal"]),
         sm_scale=np.float32(options["sm_scale"]),
@@ -205,8 +215,30 @@ def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implemen
         use_alibi=np.int32(options["alibi_slopes"] is not None),
         use_mask=np.int32(custom_mask is not None), use_merge=np.int32(merge_with is not None),
         rope=np.int32(options["rope"]),
-        rope_scale=np.float32(options["rope_scale"]), rope_theta=np.float32(options["rope_theta"]))
+        rope_scale=np.float32(options["rope_scale"]), rope_theta=np.float32(options["rope_theta"]),
+        heads_inner=np.int32(heads_inner))
     return (o, lse) if return_lse else o
+
+
+def kernel_runs(q, implementation) -> bool:
+    """Whether batch_prefill on q runs the custom call (else the reference)."""
+    return (_ffi.use_ffi("prefill", implementation) and q.ndim == 3
+            and q.shape[2] in KERNEL_HEAD_DIMS and np.dtype(q.dtype) in map(np.dtype, KERNEL_DTYPES))
+
+
+def prefill_items(q, paged_kv_cache, kv_indices, items, splits, *, kv_layout, causal, sm_scale,
+                  logits_soft_cap):
+    """The kernel on a list of items that plan_prefill did not make (a fused cascade's:
+    jaxinfer/cascade.py), claimed every head of an item together, in the list's order.
+    Returns (o, lse); the caller has checked that kernel_runs."""
+    dims = Shapes()
+    dims.check("q", q, ("max_q_tokens", "num_qo_heads", "head_dim"), KERNEL_DTYPES)
+    k, v = _split_cache(paged_kv_cache, kv_layout, dims, q)
+    dims.check("kv_indices", kv_indices, ("max_pages",), (jnp.int32,))
+    dims.check("items", items, ("work_items", ITEM_FIELDS), (jnp.int32,))
+    options = _options(dims, dims.dims["head_dim"], causal, sm_scale, logits_soft_cap, -1, None,
+                       False, 1.0, 1e4)
+    return _kernel(q, k, v, kv_indices, items, splits, kv_layout, options, heads_inner=True)
 
 
 _OPTIONS_DOC = """

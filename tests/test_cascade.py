@@ -12,6 +12,7 @@ from test_decode import page_table, poison_allocator, random_cache
 
 import jaxinfer
 from jaxinfer import reference
+from jaxinfer.prefill import TILE_ROWS
 
 RNG = np.random.default_rng()
 PAGE = 16
@@ -37,22 +38,30 @@ def paged(ks, vs):
 
 
 def make_cascade(q_lens, groups_per_level, level_lens, *, group, num_kv_heads=2, head_dim=128,
-                 dtype=jnp.bfloat16):
-    """groups_per_level[l]: the requests of each group of level l; level_lens[l]: its key counts."""
+                 dtype=jnp.bfloat16, one_pool=False):
+    """groups_per_level[l]: the requests of each group of level l; level_lens[l]: its key counts.
+    one_pool: every level's pages in one cache (the levels then run as one launch)."""
     num_qo_heads = group * num_kv_heads
     max_q = sum(q_lens) + 5
     normal = lambda *shape: jax.random.normal(jax.random.key(int(RNG.integers(1 << 30))), shape, dtype)  # noqa: E731
     q = normal(max_q, num_qo_heads, head_dim)
     qo = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    levels, caches, keys = [], [], []
-    for groups, lens in zip(groups_per_level, level_lens):
-        ks = [normal(n, num_kv_heads, head_dim) for n in lens]
-        vs = [normal(n, num_kv_heads, head_dim) for n in lens]
-        cache, indptr, indices, last = paged(ks, vs)
+    keys = [[(normal(n, num_kv_heads, head_dim), normal(n, num_kv_heads, head_dim)) for n in lens]
+            for lens in level_lens]
+    if one_pool:  # one packing of every group's keys, its page table cut per level
+        pool, indptr, indices, last = paged(*zip(*[kv for level in keys for kv in level]))
+        bounds = np.cumsum([0] + [len(level) for level in keys])
+        tables = [(indptr[a:b + 1] - indptr[a], indices[indptr[a]:indptr[b]], last[a:b])
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        caches = [pool] * len(keys)
+    else:
+        packed = [paged(*zip(*level)) for level in keys]
+        tables = [table for _, *table in packed]
+        caches = [cache for cache, *_ in packed]
+    levels = []
+    for groups, table in zip(groups_per_level, tables):
         group_qo = np.concatenate([[0], np.cumsum([sum(q_lens[r] for r in g) for g in groups])])
-        levels.append((group_qo.astype(np.int32), indptr, indices, last))
-        caches.append(cache)
-        keys.append(list(zip(ks, vs)))
+        levels.append((group_qo.astype(np.int32), *table))
     plan = jaxinfer.plan_cascade(levels, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
                                  page_size=PAGE, max_q_tokens=max_q,
                                  max_groups=[len(g) + 1 for g in groups_per_level],
@@ -78,25 +87,107 @@ def flat_reference(case, causal):
 
 def check(case, causal):
     poison_allocator((case["q"].shape, case["q"].dtype))
-    fn = jax.jit(functools.partial(jaxinfer.cascade_attention, causal=causal))
-    assert_close(fn(case["q"], case["caches"], case["plan"]), flat_reference(case, causal),
+    caches, levels = case["caches"], len(case["caches"])
+    if all(c is caches[0] for c in caches):  # one pool: passed once, so the levels share it in jit
+        fn = jax.jit(lambda q, pool, plan: jaxinfer.cascade_attention(
+            q, [pool] * levels, plan, causal=causal))
+        caches = caches[0]
+    else:
+        fn = jax.jit(functools.partial(jaxinfer.cascade_attention, causal=causal))
+    assert_close(fn(case["q"], caches, case["plan"]), flat_reference(case, causal),
                  case["q"].dtype)
 
 
+@pytest.mark.parametrize("one_pool", [False, True])
 @pytest.mark.parametrize("prefix", [0, 1, 1000])
-def test_two_levels_equal_flat_attention(prefix):
+def test_two_levels_equal_flat_attention(prefix, one_pool):
     q_lens = [1, 3, 1, 2]
     suffix = [5, 3, 40, 17]
     case = make_cascade(q_lens, [[[0, 1, 2, 3]], [[0], [1], [2], [3]]], [[prefix], suffix], group=4,
-                        head_dim=64)
+                        head_dim=64, one_pool=one_pool)
     check(case, causal=True)
 
 
-def test_three_levels_and_empty_suffixes():
+@pytest.mark.parametrize("one_pool", [False, True])
+def test_three_levels_and_empty_suffixes(one_pool):
     q_lens = [1, 1, 1, 1, 1]
     case = make_cascade(q_lens, [[[0, 1, 2, 3, 4]], [[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]]],
-                        [[70], [33, 0], [0, 9, 0, 20, 1]], group=8, head_dim=64)
+                        [[70], [33, 0], [0, 9, 0, 20, 1]], group=8, head_dim=64, one_pool=one_pool)
     check(case, causal=False)  # decode: the query's own key may live anywhere, or nowhere
+
+
+def test_one_pool_and_split_upper_level_plan_one_launch():
+    """The fused work list: every level's used items once, heaviest first, each level's
+    splits and page table entries past the levels' before it."""
+    case = make_cascade([1, 2, 1], [[[0, 1, 2]], [[0], [1], [2]]], [[300], [5, 0, 40]], group=4,
+                        head_dim=64, one_pool=True)
+    shared, own = case["plan"].levels
+    fused = case["plan"].fused
+    assert shared.kv_splits.shape[0] > 1 and fused is not None
+    splits = shared.kv_splits.shape[0]
+    assert fused.kv_splits.shape[0] == splits + 1
+    np.testing.assert_array_equal(fused.kv_indices,
+                                  np.concatenate([shared.kv_indices, own.kv_indices]))
+    used = fused.items[fused.items[:, 0] >= 0]
+    assert used.shape[0] == sum(int((p.items[:, 0] >= 0).sum()) for p in (shared, own))
+    assert (fused.items[used.shape[0]:, 0] == -1).all()
+    keys = used[:, 10] - used[:, 9]
+    assert (np.diff(keys) <= 0).all()  # heaviest first
+    suffix_items = used[used[:, 8] == splits]
+    assert suffix_items.shape[0] == int((own.items[:, 0] >= 0).sum())
+    assert (suffix_items[:, 5] >= shared.kv_indices.shape[0]).all()  # own pages after the shared ones
+
+
+def run_items(q, pool, kv_indices, items, splits, group, causal):
+    """The kernel's item contract (csrc/prefill.h) read plainly, in fp32: each item's rows
+    against the visible keys of its slice, a partial state per split, merged."""
+    k, v = (np.asarray(jnp.asarray(x, jnp.float32)) for x in pool)  # [pages, PAGE, Hkv, D]
+    qf = np.asarray(jnp.asarray(q, jnp.float32))
+    lse = np.full((qf.shape[0], splits, qf.shape[1]), -np.inf)
+    out = np.zeros((*lse.shape, qf.shape[2]))
+    for (request, q_begin, q_len, row_begin, kv_len, kv_begin, kv_end, _, split, lo,
+         hi) in items:
+        if request < 0:
+            continue
+        for row in range(row_begin, min(row_begin + TILE_ROWS, q_len * group)):
+            token, head_in_group = divmod(row, group)
+            last = min(hi, kv_len - q_len + token + 1 if causal else kv_len)
+            pos = np.arange(max(lo, 0), max(last, 0))
+            pos = pos[kv_begin + pos // PAGE < kv_end]
+            pages = kv_indices[kv_begin + pos // PAGE]
+            for kv_head in range(k.shape[2]):
+                h = kv_head * group + head_in_group
+                logits = k[pages, pos % PAGE, kv_head] @ qf[q_begin + token, h] / np.sqrt(qf.shape[2])
+                if pos.size:
+                    top = logits.max()
+                    w = np.exp(logits - top)
+                    lse[q_begin + token, split, h] = top + np.log(w.sum())
+                    out[q_begin + token, split, h] = w @ v[pages, pos % PAGE, kv_head] / w.sum()
+    top = np.max(lse, axis=1, keepdims=True)
+    w = np.where(np.isfinite(top), np.exp(lse - np.where(np.isfinite(top), top, 0)), 0)
+    return (w[..., None] * out).sum(1) / np.maximum(w.sum(1), 1e-30)[..., None]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_launch_items_equal_flat_attention(causal):
+    """The fused work list on the CPU, read as the kernel reads it: three levels, a short
+    shared level whose last slices pass its length, empty groups, several queries each."""
+    q_lens = [1, 3, 2, 1, 2]
+    case = make_cascade(q_lens, [[[0, 1, 2, 3, 4]], [[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]]],
+                        [[70], [33, 0], [4, 9, 2, 20, 7]], group=4, head_dim=64, one_pool=True)
+    fused = case["plan"].fused
+    got = run_items(case["q"], case["caches"][0], fused.kv_indices, fused.items,
+                    fused.kv_splits.shape[0], 4, causal)
+    assert_close(got, flat_reference(case, causal), case["q"].dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_one_pool_runs_one_launch():
+    case = make_cascade([1, 2, 1], [[[0, 1, 2]], [[0], [1], [2]]], [[300], [5, 0, 40]], group=4,
+                        head_dim=64, one_pool=True)
+    fn = jax.jit(lambda q, pool, plan: jaxinfer.cascade_attention(q, [pool, pool], plan))
+    text = fn.lower(case["q"], case["caches"][0], case["plan"]).as_text()
+    assert text.count("@jaxinfer_batch_prefill") == 1
 
 
 def test_cascade_one_compilation_for_many_length_mixes():
@@ -138,18 +229,21 @@ def test_bad_levels():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_pool", [False, True])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_gpu_long_shared_prefix(group):
+def test_gpu_long_shared_prefix(group, one_pool):
     q_lens = [1] * 6 + [3]
     suffix = [1, 0, 16, 17, 300, 5, 64]
     case = make_cascade(q_lens, [[list(range(7))], [[i] for i in range(7)]], [[32768], suffix],
-                        group=group)
+                        group=group, one_pool=one_pool)
     check(case, causal=False)
 
 
 @pytest.mark.gpu
-def test_gpu_cascade_is_captured():
-    assert_captured("""
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_gpu_cascade_is_captured(one_launch):
+    assert_captured(f"""
+        one_launch = {one_launch}
         import jax, jax.numpy as jnp, numpy as np, jaxinfer
         k = jax.random.normal(jax.random.key(0), (40, 16, 2, 128), jnp.bfloat16)
         q = jax.random.normal(jax.random.key(2), (8, 8, 128), jnp.bfloat16)
@@ -159,6 +253,8 @@ def test_gpu_cascade_is_captured():
                   np.arange(20, 26, dtype=np.int32), np.array([3, 16, 1], np.int32))
         plan = jaxinfer.plan_cascade([shared, suffix], num_qo_heads=8, num_kv_heads=2, page_size=16,
                                      max_q_tokens=8, max_groups=[1, 4], max_pages=[40, 40])
+        if not one_launch:
+            plan = plan._replace(fused=None)
 
         @jax.jit
         def step(q, k, plan):

@@ -29,7 +29,7 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
                        int32_t kv_layout, int32_t causal,
                        float sm_scale, float logits_soft_cap, int32_t window_left, int32_t use_alibi,
                        int32_t use_mask, int32_t use_merge, int32_t rope, float rope_scale,
-                       float rope_theta) {
+                       float rope_theta, int32_t heads_inner) {
   const auto dtype = ffi_util::to_dtype(q.element_type());
   const auto qd = q.dimensions();
   const auto kd = k_cache.dimensions();
@@ -90,6 +90,7 @@ ffi::Error prefill_gpu(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_c
     return invalid("prefill: kv_splits must be at least 1");
   }
   if (work_counter->element_count() != 2) return invalid("prefill: the work counter must be int32 [2]");
+  p.heads_inner = heads_inner != 0;
   p.work_counter = reinterpret_cast<unsigned long long*>(work_counter->typed_data());  // XLA aligns buffers
   p.variant = ffi_util::attention_variant(sm_scale, causal != 0, logits_soft_cap, window_left,
                                           use_alibi ? alibi_slopes.typed_data() : nullptr, rope != 0,
@@ -148,7 +149,8 @@ XLA_FFI_DEFINE_HANDLER(kPrefillGpu, prefill_gpu,
                            .Attr<int32_t>("use_merge")
                            .Attr<int32_t>("rope")
                            .Attr<float>("rope_scale")
-                           .Attr<float>("rope_theta"),
+                           .Attr<float>("rope_theta")
+                           .Attr<int32_t>("heads_inner"),
                        {ffi::Traits::kCmdBufferCompatible});
 #endif
 
