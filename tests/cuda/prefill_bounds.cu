@@ -1,7 +1,7 @@
 // Standalone check, run under compute-sanitizer memcheck by scripts/gpu_check.sh
 // (JAX itself does not start under the sanitizer): the prefill kernel given a
 // corrupt plan must not touch memory outside the exactly-sized buffers it is
-// handed, paged or ragged, with or without KV splits.
+// handed, paged or ragged, with or without KV splits, in either claim order.
 #include <cuda_bf16.h>
 
 #include "csrc/prefill.h"
@@ -23,6 +23,7 @@ int main() {
   for (int splits : {1, 2}) {
     for (bool paged : {true, false}) {
       jaxinfer::PrefillParams p{};
+      p.heads_inner = splits == 2 && paged;  // a fused cascade's order
       p.dtype = jaxinfer::DType::kBFloat16;
       p.num_qo_heads = heads, p.num_kv_heads = kv_heads, p.head_dim = dim;
       p.num_items = static_cast<int>(items.size() / jaxinfer::kPfItemFields);

@@ -1,0 +1,169 @@
+// The prefill kernel alone, without JAX: times launch_prefill on the shapes of
+// benchmarks/prefill.py (ragged K/V, bf16, 32/8 heads, D = 128) and checks a
+// small causal batch against a plain fp32 kernel. For A/B runs of kernel
+// changes: each build is one binary, so variants compile side by side.
+//
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
+//     --expt-relaxed-constexpr benchmarks/prefill_kernel.cu \
+//     csrc/prefill_inst/prefill_hd128.cu -o /tmp/prefill_kernel && /tmp/prefill_kernel
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "csrc/prefill.h"
+#include "csrc/prefill_plan.h"
+#include "csrc/tma.cuh"
+#include "tests/cuda/check.h"
+
+namespace {
+
+constexpr int kHq = 32, kHkv = 8, kD = 128;
+using bf16 = __nv_bfloat16;
+
+// o[t, h] = softmax(sm_scale q k^T over visible keys) v, one thread per (token, head).
+__global__ void reference(const bf16* q, const bf16* k, const bf16* v, const int* qo_indptr, int batch,
+                          bool causal, float sm_scale, float* o) {
+  const int total_q = qo_indptr[batch];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total_q * kHq) return;
+  const int t = i / kHq, h = i % kHq, kvh = h / (kHq / kHkv);
+  int b = 0;
+  while (qo_indptr[b + 1] <= t) ++b;
+  const int begin = qo_indptr[b], len = qo_indptr[b + 1] - begin, pos = t - begin;
+  const int end = causal ? pos + 1 : len;
+  float m = -INFINITY, l = 0.f, acc[kD] = {};
+  for (int j = 0; j < end; ++j) {
+    float s = 0.f;
+    for (int d = 0; d < kD; ++d) {
+      s += __bfloat162float(q[(size_t(t) * kHq + h) * kD + d]) *
+           __bfloat162float(k[(size_t(begin + j) * kHkv + kvh) * kD + d]);
+    }
+    s *= sm_scale;
+    const float m_new = fmaxf(m, s), scale = expf(m - m_new), e = expf(s - m_new);
+    l = l * scale + e;
+    for (int d = 0; d < kD; ++d) acc[d] = acc[d] * scale + e * __bfloat162float(v[(size_t(begin + j) * kHkv + kvh) * kD + d]);
+    m = m_new;
+  }
+  for (int d = 0; d < kD; ++d) o[size_t(i) * kD + d] = l > 0.f ? acc[d] / l : 0.f;
+}
+
+struct Batch {
+  std::vector<int> qo_indptr;
+  bool causal;
+  bf16 *q, *k, *v, *o;
+  float* lse;
+  jaxinfer::PrefillParams p{};
+};
+
+Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng) {
+  Batch b;
+  b.causal = causal;
+  b.qo_indptr = {0};
+  for (int len : lengths) b.qo_indptr.push_back(b.qo_indptr.back() + len);
+  const int batch = static_cast<int>(lengths.size()), total = b.qo_indptr.back();
+  std::normal_distribution<float> normal;
+  auto random = [&](size_t n) {
+    std::vector<bf16> x(n);
+    for (auto& e : x) e = __float2bfloat16(normal(rng));
+    return upload(x);
+  };
+  b.q = random(size_t(total) * kHq * kD);
+  b.k = random(size_t(total) * kHkv * kD);
+  b.v = random(size_t(total) * kHkv * kD);
+  cudaMalloc(&b.o, size_t(total) * kHq * kD * sizeof(bf16));
+  cudaMalloc(&b.lse, size_t(total) * kHq * sizeof(float));
+
+  std::vector<int> kv_len(lengths), kv_begin(b.qo_indptr.begin(), b.qo_indptr.end() - 1),
+      kv_end(b.qo_indptr.begin() + 1, b.qo_indptr.end()), mask_begin(batch, 0);
+  const int group = kHq / kHkv;
+  const int64_t capacity = (int64_t(total) * group / jaxinfer::kPrefillTileRows + batch + 1);
+  std::vector<int32_t> items(capacity * jaxinfer::kPfItemFields);
+  const int64_t n = jaxinfer::split_prefill_work(b.qo_indptr.data(), kv_len.data(), kv_begin.data(), kv_end.data(),
+                                                 mask_begin.data(), batch, group, jaxinfer::kPrefillTileRows, 1,
+                                                 total, items.data(), capacity);
+  items.resize(n * jaxinfer::kPfItemFields);
+
+  jaxinfer::PrefillParams& p = b.p;
+  p.dtype = jaxinfer::DType::kBFloat16;
+  p.num_qo_heads = kHq, p.num_kv_heads = kHkv, p.head_dim = kD;
+  p.num_items = static_cast<int>(n);
+  p.total_q = total;
+  p.q = b.q, p.kv.k = b.k, p.kv.v = b.v;
+  p.kv.page_size = 1, p.kv.num_pages = total;  // ragged: rows of k, v
+  p.kv.stride_page = kHkv * kD, p.kv.stride_slot = 0, p.kv.stride_head = kD;
+  p.items = upload(items);
+  p.o = b.o, p.lse = b.lse;
+  cudaMalloc(&p.work_counter, sizeof(*p.work_counter));
+  p.num_splits = 1;
+  p.variant.sm_scale = 1.f / std::sqrt(float(kD));
+  p.variant.causal = causal;
+  return b;
+}
+
+int check(std::mt19937& rng) {
+  Batch b = make_batch({1, 7, 300, 1000, 129}, true, rng);
+  const int total = b.qo_indptr.back();
+  CHECK(cudaMemset(b.o, 0xff, size_t(total) * kHq * kD * sizeof(bf16)));  // NaN poison
+  CHECK(jaxinfer::launch_prefill<kD>(b.p, nullptr));
+  float* ref = nullptr;
+  cudaMalloc(&ref, size_t(total) * kHq * kD * sizeof(float));
+  int* indptr = upload(b.qo_indptr);
+  reference<<<(total * kHq + 127) / 128, 128>>>(b.q, b.k, b.v, indptr, 5, true, b.p.variant.sm_scale, ref);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<bf16> got(size_t(total) * kHq * kD);
+  std::vector<float> want(got.size());
+  cudaMemcpy(got.data(), b.o, got.size() * sizeof(bf16), cudaMemcpyDeviceToHost);
+  cudaMemcpy(want.data(), ref, want.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  float err = 0.f;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float d = std::fabs(__bfloat162float(got[i]) - want[i]);
+    err = std::isnan(d) ? INFINITY : std::max(err, d);
+  }
+  std::printf("check (causal, lengths 1 7 300 1000 129): max |error| %.4f %s\n", err, err < 0.03f ? "ok" : "FAIL");
+  return err < 0.03f ? 0 : 1;
+}
+
+}  // namespace
+
+// Optional argument: the index of the one case to time (for a profiler run).
+int main(int argc, char** argv) {
+  const int only = argc > 1 ? std::atoi(argv[1]) : -1;
+  std::mt19937 rng(0);
+  const int failed = check(rng);  // timed anyway: A/B builds may break results on purpose
+  struct Case { int batch, length; bool causal; };
+  const Case cases[] = {{1, 8192, true}, {1, 16384, true}, {4, 4096, true}, {16, 1024, true}, {4, 4096, false}};
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int index = 0; index < 5; ++index) {
+    if (only >= 0 && index != only) continue;
+    const Case& c = cases[index];
+    Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, rng);
+    if (index == 0 || only >= 0) {
+      std::printf("K/V copies: %s\n", jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv).box_rows ? "TMA" : "cp.async");
+    }
+    const double pairs = c.causal ? double(c.length) * (c.length + 1) / 2 : double(c.length) * c.length;
+    const double flops = 4.0 * kHq * kD * c.batch * pairs;
+    for (int i = 0; i < 3; ++i) CHECK(jaxinfer::launch_prefill<kD>(b.p, nullptr));
+    std::vector<float> ms;
+    constexpr int kCalls = 10;
+    for (int rep = 0; rep < 7; ++rep) {
+      cudaEventRecord(start);
+      for (int i = 0; i < kCalls; ++i) jaxinfer::launch_prefill<kD>(b.p, nullptr);
+      cudaEventRecord(stop);
+      CHECK(cudaEventSynchronize(stop));
+      float t = 0.f;
+      cudaEventElapsedTime(&t, start, stop);
+      ms.push_back(t / kCalls);
+    }
+    std::sort(ms.begin(), ms.end());
+    std::printf("%2d x %5d %-10s %7.3f ms  %5.0f TFLOP/s\n", c.batch, c.length, c.causal ? "causal" : "non-causal",
+                ms[3], flops / (ms[3] * 1e-3) / 1e12);
+  }
+  return failed;
+}
