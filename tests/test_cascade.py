@@ -12,7 +12,8 @@ from test_decode import page_table, poison_allocator, random_cache
 
 import jaxinfer
 from jaxinfer import reference
-from jaxinfer.prefill import TILE_ROWS
+from jaxinfer.prefill import (ITEM_KV_BEGIN, ITEM_REQUEST, ITEM_SPLIT, ITEM_SPLIT_BEGIN,
+                              ITEM_SPLIT_END, TILE_ROWS)
 
 RNG = np.random.default_rng()
 PAGE = 16
@@ -128,14 +129,14 @@ def test_one_pool_and_split_upper_level_plan_one_launch():
     assert fused.kv_splits.shape[0] == splits + 1
     np.testing.assert_array_equal(fused.kv_indices,
                                   np.concatenate([shared.kv_indices, own.kv_indices]))
-    used = fused.items[fused.items[:, 0] >= 0]
-    assert used.shape[0] == sum(int((p.items[:, 0] >= 0).sum()) for p in (shared, own))
-    assert (fused.items[used.shape[0]:, 0] == -1).all()
-    keys = used[:, 10] - used[:, 9]
+    used = fused.items[fused.items[:, ITEM_REQUEST] >= 0]
+    assert used.shape[0] == sum(int((p.items[:, ITEM_REQUEST] >= 0).sum()) for p in (shared, own))
+    assert (fused.items[used.shape[0]:, ITEM_REQUEST] == -1).all()
+    keys = used[:, ITEM_SPLIT_END] - used[:, ITEM_SPLIT_BEGIN]
     assert (np.diff(keys) <= 0).all()  # heaviest first
-    suffix_items = used[used[:, 8] == splits]
-    assert suffix_items.shape[0] == int((own.items[:, 0] >= 0).sum())
-    assert (suffix_items[:, 5] >= shared.kv_indices.shape[0]).all()  # own pages after the shared ones
+    suffix_items = used[used[:, ITEM_SPLIT] == splits]
+    assert suffix_items.shape[0] == int((own.items[:, ITEM_REQUEST] >= 0).sum())
+    assert (suffix_items[:, ITEM_KV_BEGIN] >= shared.kv_indices.shape[0]).all()  # own pages after
 
 
 def run_items(q, pool, kv_indices, items, splits, group, causal):
@@ -157,8 +158,8 @@ def run_items(q, pool, kv_indices, items, splits, group, causal):
             pages = kv_indices[kv_begin + pos // PAGE]
             for kv_head in range(k.shape[2]):
                 h = kv_head * group + head_in_group
-                logits = k[pages, pos % PAGE, kv_head] @ qf[q_begin + token, h] / np.sqrt(qf.shape[2])
                 if pos.size:
+                    logits = k[pages, pos % PAGE, kv_head] @ qf[q_begin + token, h] / np.sqrt(qf.shape[2])
                     top = logits.max()
                     w = np.exp(logits - top)
                     lse[q_begin + token, split, h] = top + np.log(w.sum())
