@@ -169,15 +169,11 @@ def _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implemen
                    (q.dtype,))
         dims.check("merge_with[1]", merge_with[1], ("max_q_tokens", "num_qo_heads"),
                    (jnp.float32,))
-    if dims.dims["num_qo_heads"] % dims.dims["num_kv_heads"]:
-        raise ValueError(f"q: num_qo_heads={dims.dims['num_qo_heads']} must be a multiple of "
-                         f"num_kv_heads={dims.dims['num_kv_heads']}")
-    head_dim = dims.dims["head_dim"]
-    kernel_ok = head_dim in KERNEL_HEAD_DIMS and np.dtype(q.dtype) in map(np.dtype, KERNEL_DTYPES)
-    if implementation == "ffi" and not kernel_ok:
+    _check_group(dims)
+    if implementation == "ffi" and not _kernel_takes(q):
         raise ValueError(f"implementation='ffi': the prefill kernel takes head_dim in "
-                         f"{KERNEL_HEAD_DIMS} and bfloat16/float16, got {head_dim}, {q.dtype}")
-    if not (_ffi.use_ffi("prefill", implementation) and kernel_ok):
+                         f"{KERNEL_HEAD_DIMS} and bfloat16/float16, got {q.shape[2]}, {q.dtype}")
+    if not kernel_runs(q, implementation):
         if merge_with is None:
             return reference_fn(custom_mask=custom_mask, return_lse=return_lse, **options)
         o, lse = reference_fn(custom_mask=custom_mask, return_lse=True, **options)
@@ -220,10 +216,19 @@ def _kernel(q, k, v, kv_indices, items, splits, kv_layout, options, *, custom_ma
     return (o, lse) if return_lse else o
 
 
+def _check_group(dims):
+    if dims.dims["num_qo_heads"] % dims.dims["num_kv_heads"]:
+        raise ValueError(f"q: num_qo_heads={dims.dims['num_qo_heads']} must be a multiple of "
+                         f"num_kv_heads={dims.dims['num_kv_heads']}")
+
+
+def _kernel_takes(q) -> bool:
+    return q.shape[2] in KERNEL_HEAD_DIMS and np.dtype(q.dtype) in map(np.dtype, KERNEL_DTYPES)
+
+
 def kernel_runs(q, implementation) -> bool:
     """Whether batch_prefill on q runs the custom call (else the reference)."""
-    return (_ffi.use_ffi("prefill", implementation) and q.ndim == 3
-            and q.shape[2] in KERNEL_HEAD_DIMS and np.dtype(q.dtype) in map(np.dtype, KERNEL_DTYPES))
+    return _ffi.use_ffi("prefill", implementation) and q.ndim == 3 and _kernel_takes(q)
 
 
 def prefill_items(q, paged_kv_cache, kv_indices, items, splits, *, kv_layout, causal, sm_scale,
@@ -236,6 +241,7 @@ def prefill_items(q, paged_kv_cache, kv_indices, items, splits, *, kv_layout, ca
     k, v = _split_cache(paged_kv_cache, kv_layout, dims, q)
     dims.check("kv_indices", kv_indices, ("max_pages",), (jnp.int32,))
     dims.check("items", items, ("work_items", ITEM_FIELDS), (jnp.int32,))
+    _check_group(dims)
     options = _options(dims, dims.dims["head_dim"], causal, sm_scale, logits_soft_cap, -1, None,
                        False, 1.0, 1e4)
     return _kernel(q, k, v, kv_indices, items, splits, kv_layout, options, heads_inner=True)
