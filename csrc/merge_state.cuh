@@ -28,8 +28,11 @@ struct RowIndex {
   int64_t row = 0;
 };
 
+// At most 64 registers a thread (80 uncapped for 16-bit states): 1024 threads
+// per SM keep more loads in flight, which the H200's memory needs (merge_states
+// 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
 template <typename Out, int kVec, typename States>
-__global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
+__global__ void __maxnreg__(64) merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
   // Block = [state groups (y)] x [rows of this block] x [threads of a row];
   // group g takes states g, g + groups, ...: with few rows and many states (a
@@ -55,21 +58,23 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
 
   // One pass with a running max (the accumulators rescaled when it rises);
   // the lse and values of kBatch states load together before any is used, so
-  // their memory latencies overlap. A state with lse -inf holds nothing and is
-  // skipped, whatever its values.
+  // their memory latencies overlap. The values stay packed until used (fp32
+  // copies of 16-bit states would spill under the register cap). A state with
+  // lse -inf holds nothing and is skipped, whatever its values.
   constexpr int kBatch = 4;
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
     const int n = states.count(at);
     for (int first = group; first < n; first += kBatch * groups) {
-      float lse[kBatch], x[kBatch][kVec];
+      float lse[kBatch];
+      Packed<Elem, kVec> x[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
         const int i = first + j * groups;
         lse[j] = -INFINITY;
         if (i < n) {
           lse[j] = states.lse(at, i);
-          load_float<Elem, kVec>(states.v(at, i) + col, x[j]);
+          x[j] = *reinterpret_cast<const Packed<Elem, kVec>*>(states.v(at, i) + col);
         }
       }
 #pragma unroll
@@ -84,7 +89,7 @@ __global__ void merge_kernel(States states, Out* v_out, float* s_out, int64_t ro
         }
         const float w = exp2f(lse[j] - m);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] += w * x[j][k];
+        for (int k = 0; k < kVec; ++k) acc[k] = fmaf(w, to_float(x[j].x[k]), acc[k]);
         sum += w;
       }
     }
