@@ -35,7 +35,7 @@ struct RowIndex {
 #define JAXINFER_MAX_REGISTERS(n)
 #endif
 
-// At most 64 registers a thread (80 uncapped for 16-bit states): 1024 threads
+// At most 64 registers a thread (up to 80 uncapped for 16-bit states): 1024 threads
 // per SM keep more loads in flight, which the H200's memory needs (merge_states
 // 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
 template <typename Out, int kVec, typename States>
