@@ -29,17 +29,19 @@ struct RowIndex {
 };
 
 // __maxnreg__ exists from CUDA 12.4 on; older compilers leave the kernel uncapped.
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#if defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
 #define JAXINFER_MAX_REGISTERS(n) __maxnreg__(n)
 #else
 #define JAXINFER_MAX_REGISTERS(n)
 #endif
 
-// At most 64 registers a thread (up to 80 uncapped for 16-bit states): 1024 threads
-// per SM keep more loads in flight, which the H200's memory needs (merge_states
-// 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
+// At most 64 registers a thread (up to 80 uncapped for 16-bit states): 1024
+// threads per SM keep more loads in flight, which the H200's memory needs
+// (merge_states 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
 template <typename Out, int kVec, typename States>
-__global__ void JAXINFER_MAX_REGISTERS(64) merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
+__global__ void JAXINFER_MAX_REGISTERS(64)
+    merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
   // Block = [state groups (y)] x [rows of this block] x [threads of a row];
   // group g takes states g, g + groups, ...: with few rows and many states (a
@@ -81,7 +83,7 @@ __global__ void JAXINFER_MAX_REGISTERS(64) merge_kernel(States states, Out* v_ou
         lse[j] = -INFINITY;
         if (i < n) {
           lse[j] = states.lse(at, i);
-          x[j] = *reinterpret_cast<const Packed<Elem, kVec>*>(states.v(at, i) + col);
+          x[j] = load_packed<Elem, kVec>(states.v(at, i) + col);
         }
       }
 #pragma unroll

@@ -34,9 +34,15 @@ struct alignas(sizeof(T) * N) Packed {
   T x[N];
 };
 
+// N elements of T as one access, left packed (converted later, to_float).
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_packed(const T* __restrict__ src) {
+  return *reinterpret_cast<const Packed<T, N>*>(src);
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void load_float(const T* __restrict__ src, float (&dst)[N]) {
-  Packed<T, N> p = *reinterpret_cast<const Packed<T, N>*>(src);
+  const Packed<T, N> p = load_packed<T, N>(src);
 #pragma unroll
   for (int i = 0; i < N; ++i) dst[i] = to_float(p.x[i]);
 }
