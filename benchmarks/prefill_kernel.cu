@@ -96,6 +96,12 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng
   p.q = b.q, p.kv.k = b.k, p.kv.v = b.v;
   p.kv.page_size = 1, p.kv.num_pages = total;  // ragged: rows of k, v
   p.kv.stride_page = kHkv * kD, p.kv.stride_slot = 0, p.kv.stride_head = kD;
+  if (std::getenv("PREFILL_PAGE_SIZE_1")) {  // the same rows through a page table: the cp.async path
+    std::vector<int32_t> pages(total);
+    for (int i = 0; i < total; ++i) pages[i] = i;
+    p.kv.kv_indices = upload(pages);
+    p.kv.num_kv_indices = total;
+  }
   p.items = upload(items);
   p.o = b.o, p.lse = b.lse;
   cudaMalloc(&p.work_counter, sizeof(*p.work_counter));
@@ -131,6 +137,8 @@ int check(std::mt19937& rng) {
 }  // namespace
 
 // Optional argument: the index of the one case to time (for a profiler run).
+// PREFILL_PAGE_SIZE_1=1 in the environment: K/V through a page table of
+// one-key pages (cp.async copies, not TMA).
 int main(int argc, char** argv) {
   const int only = argc > 1 ? std::atoi(argv[1]) : -1;
   std::mt19937 rng(0);

@@ -26,13 +26,17 @@ struct StackedStates {
   using Elem = T;
   const T* v_base; const float* s_base;
   int64_t n, heads, dim;
-  using Row = RowIndex;
-  __device__ Row row(int64_t r) const { return {r}; }
+  // Where the row's state 0 is (token * n * heads + head); state i is i * heads
+  // on. Resolved once per row: a 64-bit division per state, with the address
+  // arithmetic, pushed the kernel's loads into a chain (benchmarks/NOTES.md M2).
+  struct Row {
+    int64_t first = 0;
+  };
+  __device__ Row row(int64_t r) const { return {(r / heads) * n * heads + r % heads}; }
   __device__ int count(const Row&) const { return static_cast<int>(n); }
   __device__ bool done(const Row&) const { return false; }
-  __device__ int64_t index(const Row& r, int i) const { return ((r.row / heads) * n + i) * heads + r.row % heads; }
-  __device__ float lse(const Row& r, int i) const { return s_base[index(r, i)]; }
-  __device__ const T* v(const Row& r, int i) const { return v_base + index(r, i) * dim; }
+  __device__ float lse(const Row& r, int i) const { return s_base[r.first + i * heads]; }
+  __device__ const T* v(const Row& r, int i) const { return v_base + (r.first + i * heads) * dim; }
 };
 
 }  // namespace

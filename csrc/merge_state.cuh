@@ -65,11 +65,15 @@ __global__ void JAXINFER_MAX_REGISTERS(64)
 #endif
   const bool active = row < rows && !states.done(at);
 
-  // One pass with a running max (the accumulators rescaled when it rises);
-  // the lse and values of kBatch states load together before any is used, so
-  // their memory latencies overlap. The values stay packed until used (fp32
-  // copies of 16-bit states would spill under the register cap). A state with
-  // lse -inf holds nothing and is skipped, whatever its values.
+  // One pass with a running max: per batch of kBatch states, their lse and
+  // values load together (all issued before any is waited for), then the
+  // accumulators are rescaled once to the batch's new max and the states
+  // added. Branch-free, so that the compiler cannot sink a value load into the
+  // code that uses it (which would wait for the lse first). The values stay
+  // packed until used (fp32 copies of 16-bit states would spill under the
+  // register cap). A state with lse -inf holds nothing and adds nothing,
+  // whatever its values; past the last state, that state loads again and
+  // counts as -inf.
   constexpr int kBatch = 4;
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
@@ -79,28 +83,28 @@ __global__ void JAXINFER_MAX_REGISTERS(64)
       Packed<Elem, kVec> x[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        const int i = first + j * groups;
-        lse[j] = -INFINITY;
-        if (i < n) {
-          lse[j] = states.lse(at, i);
-          x[j] = load_packed<Elem, kVec>(states.v(at, i) + col);
-        }
+        const int i = first + j * groups, load = min(i, n - 1);
+        lse[j] = states.lse(at, load);
+        x[j] = load_packed_now<Elem, kVec>(states.v(at, load) + col);
+        if (i >= n) lse[j] = -INFINITY;
       }
+      float m_new = m;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) m_new = fmaxf(m_new, lse[j]);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+      const float scale = exp2f(m - m_use);                  // 0 before the first state
+      sum *= scale;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] *= scale;
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
-        if (lse[j] == -INFINITY) continue;
-        if (lse[j] > m) {
-          const float scale = exp2f(m - lse[j]);  // 0 for the first state
-          sum *= scale;
+        const bool empty = lse[j] == -INFINITY;
+        const float w = exp2f(lse[j] - m_use);  // 0 when empty
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) acc[k] *= scale;
-          m = lse[j];
-        }
-        const float w = exp2f(lse[j] - m);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] = fmaf(w, to_float(x[j].x[k]), acc[k]);
+        for (int k = 0; k < kVec; ++k) acc[k] = fmaf(w, empty ? 0.f : to_float(x[j].x[k]), acc[k]);
         sum += w;
       }
+      m = m_new;
     }
   }
   if (groups > 1) {  // group 0 folds in the other groups' (m, sum, acc)

@@ -14,7 +14,8 @@
 //     cp.async, which zero-fills missing rows. Each of a stage's K and V has
 //     its own full / empty barrier pair, so the next K loads as soon as the
 //     scores of the last one are done. setmaxnreg moves registers from this
-//     warpgroup (80) to the consumers (208): 384 threads start at 168 each.
+//     warpgroup (56 at D = 128) to the consumers (224): 384 threads start at
+//     168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per work, wait for its
 //     queries; per tile, wait for K, S = Q K^T, variant and softmax, release
 //     K, wait for V, O += P V, release V; then release the queries and write
@@ -51,6 +52,17 @@ constexpr int kKeys = 128;
 constexpr int kStages = 2;
 constexpr int kQBuffers = 2;                 // a work's queries load while the last work ends
 constexpr int kRecord = kPfItemFields + 1;  // a work in shared memory: its item's fields, then the KV head (-1: no more)
+// setmaxnreg's split of the 168 registers a thread launches with (128 x
+// producer + 256 x consumer <= 384 x 168). The consumers' 224 at D = 128 cost
+// the producer its 16 row offsets in flight (it copies in batches of 8): +1-6%
+// on long causal prefill, 2-3% less at 16 x 1024 (benchmarks/NOTES.md P40).
+// At D = 64 the producer would spill at 56 and the consumers do not need more.
+template <int D>
+constexpr int kProducerRegisters = D >= 128 ? 56 : 80;
+template <int D>
+constexpr int kConsumerRegisters = D >= 128 ? 224 : 208;
+static_assert(kProducers * kProducerRegisters<128> + kConsumers * kConsumerRegisters<128> <= kThreads * 168, "");
+static_assert(kProducers * kProducerRegisters<64> + kConsumers * kConsumerRegisters<64> <= kThreads * 168, "");
 
 template <int D>
 struct Layout {
@@ -119,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the consumers have released that stage's previous K (then V). Thread i
     // resolves key row i; each thread copies 16-byte chunk i % kChunks of
     // rows i / kChunks + j * (kProducers / kChunks).
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");  // registers to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters<D>) : "memory");  // to the consumers
     const int i = tid - kConsumers;
     static_assert(kProducers % kChunks == 0, "producers cover whole rows");
     constexpr int kRowsPerPass = kProducers / kChunks;
@@ -129,12 +141,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto copy_tile = [&](T* dst, const T* src, const int64_t* rows, uint64_t* full) {
       src += chunk * 8;
       dst += KvLayout::at(i / kChunks, chunk);  // + 8 rows keeps the swizzle: row % 8 is fixed
-      constexpr int kCopies = kKeys / kRowsPerPass;
-      int64_t offset[kCopies];  // all loads first: each copy then issues without waiting
+      // In batches of 8 rows: a batch's offsets load first, so that its copies
+      // issue without waiting, and 8 int64 offsets fit the producer's 56 registers.
+      constexpr int kCopies = kKeys / kRowsPerPass, kBatch = kCopies < 8 ? kCopies : 8;
 #pragma unroll
-      for (int j = 0; j < kCopies; ++j) offset[j] = rows[i / kChunks + j * kRowsPerPass];
+      for (int j0 = 0; j0 < kCopies; j0 += kBatch) {
+        int64_t offset[kBatch];
 #pragma unroll
-      for (int j = 0; j < kCopies; ++j) cp_async_16(dst + j * kRowsPerPass * 64, src + offset[j], offset[j] >= 0);
+        for (int j = 0; j < kBatch; ++j) offset[j] = rows[i / kChunks + (j0 + j) * kRowsPerPass];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          cp_async_16(dst + (j0 + j) * kRowsPerPass * 64, src + offset[j], offset[j] >= 0);
+        }
+      }
       mbarrier_arrive_on_cp_async(full);  // completes once the copies have landed
       mbarrier_arrive(full);
     };
@@ -263,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");  // 128 x 80 + 256 x 208 <= 64 K
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters<D>) : "memory");
 
   // Consumers: per work, S = Q K^T, variant and softmax, release K, O += P V,
   // release V for each tile; then release the queries and write the rows.
