@@ -68,7 +68,7 @@ __global__ void JAXINFER_MAX_REGISTERS(64)
   // One pass with a running max: per batch of kBatch states, their lse and
   // values load together (all issued before any is waited for), then the
   // accumulators are rescaled once to the batch's new max and the states
-  // added. Branch-free, so that the compiler cannot sink a value load into the
+  // added. Branch-free, so that the compiler does not sink a value load into the
   // code that uses it (which would wait for the lse first). The values stay
   // packed until used (fp32 copies of 16-bit states would spill under the
   // register cap). A state with lse -inf holds nothing and adds nothing,
@@ -85,7 +85,7 @@ __global__ void JAXINFER_MAX_REGISTERS(64)
       for (int j = 0; j < kBatch; ++j) {
         const int i = first + j * groups, load = min(i, n - 1);
         lse[j] = states.lse(at, load);
-        x[j] = load_packed_now<Elem, kVec>(states.v(at, load) + col);
+        x[j] = load_packed<Elem, kVec>(states.v(at, load) + col);
         if (i >= n) lse[j] = -INFINITY;
       }
       float m_new = m;

@@ -40,25 +40,6 @@ __device__ __forceinline__ Packed<T, N> load_packed(const T* __restrict__ src) {
   return *reinterpret_cast<const Packed<T, N>*>(src);
 }
 
-// load_packed issued where it stands: the compiler may not sink a volatile
-// load into the branch that uses it, so a batch of these overlaps its
-// latencies (16-byte packs; others load as load_packed).
-template <typename T, int N>
-__device__ __forceinline__ Packed<T, N> load_packed_now(const T* src) {
-  if constexpr (sizeof(Packed<T, N>) == 16) {
-    union {
-      uint4 words;
-      Packed<T, N> packed;
-    } u;
-    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(u.words.x), "=r"(u.words.y), "=r"(u.words.z), "=r"(u.words.w)
-                 : "l"(src));
-    return u.packed;
-  } else {
-    return load_packed<T, N>(src);
-  }
-}
-
 template <typename T, int N>
 __device__ __forceinline__ void load_float(const T* __restrict__ src, float (&dst)[N]) {
   const Packed<T, N> p = load_packed<T, N>(src);
