@@ -58,11 +58,12 @@ constexpr int kRecord = kPfItemFields + 1;  // a work in shared memory: its item
 // on long causal prefill, 2-3% less at 16 x 1024 (benchmarks/NOTES.md P40).
 // At D = 64 the producer would spill at 56 and the consumers do not need more.
 template <int D>
-constexpr int kProducerRegisters = D >= 128 ? 56 : 80;
+constexpr int kProducerRegisters = D == 128 ? 56 : 80;
 template <int D>
-constexpr int kConsumerRegisters = D >= 128 ? 224 : 208;
-static_assert(kProducers * kProducerRegisters<128> + kConsumers * kConsumerRegisters<128> <= kThreads * 168, "");
-static_assert(kProducers * kProducerRegisters<64> + kConsumers * kConsumerRegisters<64> <= kThreads * 168, "");
+constexpr int kConsumerRegisters = D == 128 ? 224 : 208;
+template <int D>
+constexpr bool kRegistersFit = kProducers * kProducerRegisters<D> + kConsumers * kConsumerRegisters<D> <= kThreads * 168;
+static_assert(kRegistersFit<64> && kRegistersFit<128>, "setmaxnreg asks for more registers than the CTA launches with");
 
 template <int D>
 struct Layout {
