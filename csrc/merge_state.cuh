@@ -39,8 +39,9 @@ struct RowIndex {
 // At most 64 registers a thread (up to 80 uncapped for 16-bit states): 1024
 // threads per SM keep more loads in flight, which the H200's memory needs
 // (merge_states 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
-template <typename Out, int kVec, typename States>
-__global__ void JAXINFER_MAX_REGISTERS(64)
+// Batches of 2 states fit 40 registers: 1536 threads per SM.
+template <typename Out, int kVec, int kBatch, typename States>
+__global__ void JAXINFER_MAX_REGISTERS(kBatch <= 2 ? 40 : 64)
     merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
   using Elem = typename States::Elem;
   // Block = [state groups (y)] x [rows of this block] x [threads of a row];
@@ -74,7 +75,6 @@ __global__ void JAXINFER_MAX_REGISTERS(64)
   // register cap). A state with lse -inf holds nothing and adds nothing,
   // whatever its values; past the last state, that state loads again and
   // counts as -inf.
-  constexpr int kBatch = 4;
   float m = -INFINITY, sum = 0.f, acc[kVec] = {};
   if (active) {
     const int n = states.count(at);
@@ -208,7 +208,13 @@ void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, 
       config.attrs = &attribute;
       config.numAttrs = 1;
     }
-    cudaLaunchKernelEx(&config, merge_kernel<Out, kVec, States>, states, v_out, s_out, rows, dim);
+    // Two states or fewer (merge_state, two-state stacks): batches of 2, no
+    // reloads of the last state, and at most 40 registers: 1536 threads an SM.
+    if (max_states <= 2) {
+      cudaLaunchKernelEx(&config, merge_kernel<Out, kVec, 2, States>, states, v_out, s_out, rows, dim);
+    } else {
+      cudaLaunchKernelEx(&config, merge_kernel<Out, kVec, 4, States>, states, v_out, s_out, rows, dim);
+    }
   };
   constexpr int kWide = 16 / sizeof(typename States::Elem);
   if (dim % kWide == 0 && dim / kWide <= 1024) {
