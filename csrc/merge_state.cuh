@@ -36,10 +36,11 @@ struct RowIndex {
 #define JAXINFER_MAX_REGISTERS(n)
 #endif
 
-// At most 64 registers a thread (up to 80 uncapped for 16-bit states): 1024
-// threads per SM keep more loads in flight, which the H200's memory needs
-// (merge_states 4096 x 2 x 32 x 128: 63 -> 54 us; benchmarks/NOTES.md M1).
-// Batches of 2 states fit 40 registers: 1536 threads per SM.
+// Registers are capped so that more threads, and so more loads, are in
+// flight, which the H200's memory needs: batches of 4 states at 64 registers
+// (1024 threads per SM; up to 80 uncapped for 16-bit states), batches of 2 at
+// 40 (1536 threads). merge_states 4096 x 2 x 32 x 128: 63 -> 54 us (M1), then
+// 40 -> 29 us with batches of 2 (M3, benchmarks/NOTES.md).
 template <typename Out, int kVec, int kBatch, typename States>
 __global__ void JAXINFER_MAX_REGISTERS(kBatch <= 2 ? 40 : 64)
     merge_kernel(States states, Out* v_out, float* s_out, int64_t rows, int64_t dim) {
@@ -208,8 +209,9 @@ void launch_merge(const States& states, Out* v_out, float* s_out, int64_t rows, 
       config.attrs = &attribute;
       config.numAttrs = 1;
     }
-    // Two states or fewer (merge_state, two-state stacks): batches of 2, no
-    // reloads of the last state, and at most 40 registers: 1536 threads an SM.
+    // Two states or fewer (merge_state, two-state stacks): batches of 2, so no
+    // state loads twice. More states keep batches of 4: batches of 2 measured
+    // within 2% at 16384 x 4 and 6% slower at 512 x 16 (NOTES.md M3).
     if (max_states <= 2) {
       cudaLaunchKernelEx(&config, merge_kernel<Out, kVec, 2, States>, states, v_out, s_out, rows, dim);
     } else {

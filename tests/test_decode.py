@@ -68,7 +68,9 @@ def poison_allocator(*arrays_like):
 
 
 def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, lengths=None,
-             max_batch=None, **options):
+             max_batch=None, key_growth=0.0, **options):
+    """key_growth: keys scaled by 1 + key_growth * page / pages, so that logits grow along
+    a request (its pages are in order) and its running max moves after its first tiles."""
     kv_lens = lengths if lengths is not None else RNG.choice(LENGTHS[:-1], batch).tolist()
     if lengths is None and batch >= 7:  # every awkward length (the longest once, from batch 8 on)
         every = LENGTHS[: min(batch, len(LENGTHS))]
@@ -76,6 +78,9 @@ def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, l
     max_batch = max_batch or batch
     num_pages = sum((n + page_size - 1) // page_size for n in kv_lens) + 5
     cache = random_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, layout)
+    if key_growth:
+        growth = 1 + key_growth * jnp.arange(num_pages, dtype=jnp.float32) / num_pages
+        cache = ((cache[0] * growth[:, None, None, None]).astype(dtype), cache[1])
     kv_indptr, kv_indices, last = page_table(kv_lens, page_size, num_pages)
     plan = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=page_size,
                                 num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -295,6 +300,12 @@ def test_gpu_decode_grid(batch, head_dim, group, page_size, layout, dtype):
 def test_gpu_decode_long_and_wide(group):
     run_case(3, 128, group, 16, "NHD", jnp.bfloat16, num_kv_heads=1, lengths=[32768, 0, 4097],
              max_batch=4)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_rising_logits():
+    # Large logits deep into the rows: the running max moves far, and late.
+    run_case(3, 128, 4, 16, "NHD", jnp.bfloat16, lengths=[5000, 700, 17], key_growth=3.0)
 
 
 @pytest.mark.gpu

@@ -344,6 +344,18 @@ def test_gpu_prefill_variants():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_prefill_rising_logits(causal):
+    # Keys scaled up along each request: a row's running max moves far, and after its
+    # first tiles.
+    case = make_case([1000, 129], [1000, 700], head_dim=128, group=4, num_kv_heads=2, paged=False)
+    rows = case["k"].shape[0]
+    growth = 1 + 3.0 * jnp.arange(rows, dtype=jnp.float32) / rows
+    case["k"] = (case["k"] * growth[:, None, None]).astype(case["k"].dtype)
+    check(case, causal=causal)
+
+
+@pytest.mark.gpu
 def test_gpu_prefill_lowers_to_the_kernel():
     case = make_case([3], [5], head_dim=128, group=2, page_size=4)
     text = jax.jit(jaxinfer.batch_prefill).lower(case["q"], case["cache"], case["plan"]).as_text()
