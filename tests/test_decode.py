@@ -69,8 +69,9 @@ def poison_allocator(*arrays_like):
 
 def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, lengths=None,
              max_batch=None, key_growth=0.0, **options):
-    """key_growth: keys scaled by 1 + key_growth * page / pages, so that logits grow along
-    a request (its pages are in order) and its running max moves after its first tiles."""
+    """key_growth: each request's keys scaled by 1 + key_growth * (its page's place in the
+    request's table) / (the table's length), so that logits grow along the request and its
+    running max moves after its first tiles."""
     kv_lens = lengths if lengths is not None else RNG.choice(LENGTHS[:-1], batch).tolist()
     if lengths is None and batch >= 7:  # every awkward length (the longest once, from batch 8 on)
         every = LENGTHS[: min(batch, len(LENGTHS))]
@@ -78,10 +79,13 @@ def run_case(batch, head_dim, group, page_size, layout, dtype, num_kv_heads=2, l
     max_batch = max_batch or batch
     num_pages = sum((n + page_size - 1) // page_size for n in kv_lens) + 5
     cache = random_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, layout)
-    if key_growth:
-        growth = 1 + key_growth * jnp.arange(num_pages, dtype=jnp.float32) / num_pages
-        cache = ((cache[0] * growth[:, None, None, None]).astype(dtype), cache[1])
     kv_indptr, kv_indices, last = page_table(kv_lens, page_size, num_pages)
+    if key_growth:
+        growth = np.ones(num_pages, np.float32)
+        for b in range(len(kv_lens)):
+            table = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
+            growth[table] = 1 + key_growth * np.arange(len(table)) / max(len(table), 1)
+        cache = ((cache[0] * growth[:, None, None, None]).astype(dtype), cache[1])
     plan = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=page_size,
                                 num_kv_heads=num_kv_heads, head_dim=head_dim,
                                 max_batch=max_batch, max_pages=num_pages)
