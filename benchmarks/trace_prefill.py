@@ -5,10 +5,18 @@ kernel's own time from what a JAX-level timing adds (gaps, extra kernels), and
 the kernel under JAX from the kernel alone (benchmarks/prefill_kernel.cu).
 
     cd benchmarks && python3 trace_prefill.py     # GPU machine, after scripts/gpu_check.sh
+
+With --plain it only runs each program once, untraced, for Nsight Compute (which
+cannot share CUPTI with torch.profiler), one launch of each kernel:
+
+    ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section InstructionStats --section Occupancy \
+        -k regex:"prefill_ws|sdpa|mosaic" -c 3 python3 trace_prefill.py --plain
 """
 
 import collections
 import functools
+import sys
 
 import torch  # noqa: F401 - before jax, so that its CUDA libraries load first
 from torch.autograd import DeviceType
@@ -27,6 +35,10 @@ BATCH, LENGTH, REPEAT = 1, 8192, 16
 def trace(name, fn, args):
     """Runs fn REPEAT times in one jitted program (as common.time_per_call does) and
     prints each kernel's count and median GPU time, and the span of the repeats."""
+    if "--plain" in sys.argv:
+        jax.block_until_ready(jax.jit(fn)(*args))
+        return
+
     def many(*a):
         outs = []
         for _ in range(REPEAT):
