@@ -44,71 +44,70 @@ def mosaic_attention(q, k, v, causal):
     return attention_mgpu.attention(q, k, v, config)
 
 
+CASES = [(1, 8192, True), (1, 16384, True), (4, 4096, True), (16, 1024, True), (4, 4096, False)]
+HEADER = ["case", "jaxinfer ragged", "jaxinfer paged (page 16)", "cuDNN", "XLA",
+          "Mosaic GPU Pallas (fp16)"]
+
+
+def implementations(batch, length, causal, only_jaxinfer=False):
+    """(column, fn, args) for each column of HEADER after the case, on one case's fresh
+    random inputs; args None where the implementation cannot run the case."""
+    kq, kk, kv_ = jax.random.split(jax.random.key(batch + length), 3)
+    q = jax.random.normal(kq, (batch, length, HQ, D), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, length, HKV, D), jnp.bfloat16)
+    v = jax.random.normal(kv_, (batch, length, HKV, D), jnp.bfloat16)
+    tokens = batch * length
+    indptr = np.arange(batch + 1, dtype=np.int32) * length
+    plan = jax.device_put(jaxinfer.plan_prefill(indptr, indptr, num_qo_heads=HQ, num_kv_heads=HKV,
+                                                max_batch=batch, max_q_tokens=tokens))
+    flat = lambda x: x.reshape(tokens, *x.shape[2:])  # noqa: E731
+    ragged = functools.partial(jaxinfer.batch_prefill_ragged, causal=causal)
+    out = [(HEADER[1], ragged, [flat(q), flat(k), flat(v), plan])]
+
+    # Paged: the same keys in a page-16 cache, pages in a random order.
+    pages = tokens // PAGE
+    perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
+    k_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(k).reshape(pages, PAGE, HKV, D))
+    v_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(v).reshape(pages, PAGE, HKV, D))
+    page_indptr = np.arange(batch + 1, dtype=np.int32) * (length // PAGE)
+    paged_plan = jax.device_put(jaxinfer.plan_prefill(
+        indptr, page_indptr, perm, np.full(batch, PAGE, np.int32), page_size=PAGE,
+        num_qo_heads=HQ, num_kv_heads=HKV, max_batch=batch, max_q_tokens=tokens, max_pages=pages))
+    paged = functools.partial(jaxinfer.batch_prefill, causal=causal)
+    out.append((HEADER[2], lambda q, k, v, p: paged(q, (k, v), p), [flat(q), k_cache, v_cache, paged_plan]))
+    if only_jaxinfer:
+        return out
+
+    for column, implementation in ((HEADER[3], "cudnn"), (HEADER[4], "xla")):
+        fits = implementation != "xla" or tokens * length <= 8192 * 8192  # the dense logits
+        fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                               implementation=implementation)
+        out.append((column, fn, [q, k, v] if fits else None))
+    out.append((HEADER[5], functools.partial(mosaic_attention, causal=causal),
+                [x.astype(jnp.float16) for x in (q, k, v)]))
+    return out
+
+
 def main():
     args = parse_args(__doc__)
     ceiling = matmul_ceiling()
-    cases = [(1, 8192, True), (1, 16384, True), (4, 4096, True), (16, 1024, True),
-             (4, 4096, False)]
-    if args.quick:
-        cases = cases[:1]
     rows = []
-    for batch, length, causal in cases:
-        key = jax.random.key(batch + length)
-        kq, kk, kv_ = jax.random.split(key, 3)
-        q = jax.random.normal(kq, (batch, length, HQ, D), jnp.bfloat16)
-        k = jax.random.normal(kk, (batch, length, HKV, D), jnp.bfloat16)
-        v = jax.random.normal(kv_, (batch, length, HKV, D), jnp.bfloat16)
+    for batch, length, causal in CASES[:1] if args.quick else CASES:
         f = flops(batch, length, causal)
-        tokens = batch * length
-        indptr = np.arange(batch + 1, dtype=np.int32) * length
-        plan = jax.device_put(jaxinfer.plan_prefill(indptr, indptr, num_qo_heads=HQ, num_kv_heads=HKV,
-                                                    max_batch=batch, max_q_tokens=tokens))
-        flat = lambda x: x.reshape(tokens, *x.shape[2:])  # noqa: E731
-        ragged = functools.partial(jaxinfer.batch_prefill_ragged, causal=causal)
         row = [f"{batch} x {length}" + ("" if causal else " non-causal")]
-        row.append(fmt(time_per_call(ragged, [flat(q), flat(k), flat(v), plan]), f, ceiling))
-
-        # Paged: the same keys in a page-16 cache, pages in a random order.
-        pages = tokens // PAGE
-        perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
-        k_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(k).reshape(pages, PAGE, HKV, D))
-        v_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(v).reshape(pages, PAGE, HKV, D))
-        page_indptr = np.arange(batch + 1, dtype=np.int32) * (length // PAGE)
-        paged_plan = jax.device_put(jaxinfer.plan_prefill(
-            indptr, page_indptr, perm, np.full(batch, PAGE, np.int32), page_size=PAGE,
-            num_qo_heads=HQ, num_kv_heads=HKV, max_batch=batch, max_q_tokens=tokens, max_pages=pages))
-        paged = functools.partial(jaxinfer.batch_prefill, causal=causal)
-        row.append(fmt(time_per_call(lambda q, k, v, p: paged(q, (k, v), p),
-                                     [flat(q), k_cache, v_cache, paged_plan]), f, ceiling))
-        del k_cache, v_cache
-        if args.only_jaxinfer:
-            rows.append(row)
-            print(row, flush=True)
-            continue
-
-        for implementation in ("cudnn", "xla"):
-            if implementation == "xla" and tokens * length > 8192 * 8192:
-                row.append("-")  # the dense logits would not fit
+        for _, fn, fn_args in implementations(batch, length, causal, args.only_jaxinfer):
+            if fn_args is None:
+                row.append("-")
                 continue
             try:
-                fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
-                                       implementation=implementation)
-                row.append(fmt(time_per_call(fn, [q, k, v]), f, ceiling))
+                row.append(fmt(time_per_call(fn, fn_args), f, ceiling))
             except Exception as e:  # noqa: BLE001 - report, keep benchmarking
-                row.append(f"error: {type(e).__name__}")
-        try:
-            h = [x.astype(jnp.float16) for x in (q, k, v)]
-            row.append(fmt(time_per_call(functools.partial(mosaic_attention, causal=causal), h),
-                           f, ceiling))
-        except Exception as e:  # noqa: BLE001
-            row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
+                row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
         rows.append(row)
         print(row, flush=True)
 
-    header = ["case", "jaxinfer ragged", "jaxinfer paged (page 16)", "cuDNN", "XLA",
-              "Mosaic GPU Pallas (fp16)"]
     write_table(os.path.join(args.out, "prefill.md"), "Batch prefill (bf16, 32/8 heads, D=128)",
-                "bash scripts/gpu_check.sh", header[:3] if args.only_jaxinfer else header, rows,
+                "bash scripts/gpu_check.sh", HEADER[:3] if args.only_jaxinfer else HEADER, rows,
                 f"bf16 matmul ceiling measured in the same run: {ceiling / 1e12:.0f} TFLOP/s. "
                 "On sm_90 jaxinfer runs its warp-specialised Hopper kernel (csrc/prefill_ws.cuh).")
 

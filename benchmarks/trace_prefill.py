@@ -1,21 +1,23 @@
-"""GPU time of each kernel inside the JAX programs of benchmarks/prefill.py, from a
-CUPTI trace (torch.profiler records every kernel of the process, JAX's too), for
-1 x 8192 causal: jaxinfer ragged, cuDNN and the Mosaic GPU Pallas kernel. It tells the
-kernel's own time from what a JAX-level timing adds (gaps, extra kernels), and
-the kernel under JAX from the kernel alone (benchmarks/prefill_kernel.cu).
+"""GPU time of the kernels inside the JAX programs of benchmarks/prefill.py, from a
+CUPTI trace (torch.profiler records every kernel of the process, JAX's too): the
+same cases and implementations, timed as the kernels' span on the GPU rather than
+by the wall clock. It tells a kernel's own time from what a JAX-level timing adds
+(gaps, extra kernels), and compares with figures taken by CUDA events, such as
+FlashInfer's in ../shared/ANCHORS.md.
 
-    cd benchmarks && python3 trace_prefill.py     # GPU machine, after scripts/gpu_check.sh
+    cd benchmarks && python3 trace_prefill.py [--quick] [--only-jaxinfer]   # after scripts/gpu_check.sh
 
-With --plain it only runs each program once, untraced, for Nsight Compute (which
-cannot share CUPTI with torch.profiler), one launch of each kernel:
+Prints each program's kernels (count, median time) and writes trace_prefill.md to
+--out. With --plain it only runs each program once, untraced, for Nsight Compute
+(which cannot share CUPTI with torch.profiler):
 
-    ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-        --section SchedulerStats --section InstructionStats --section Occupancy \
-        -k regex:"prefill_ws|sdpa|mosaic" -c 3 python3 trace_prefill.py --plain
+    ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \\
+        --section SchedulerStats --section InstructionStats --section Occupancy \\
+        -k regex:"prefill_ws|sdpa|mosaic" -c 3 python3 trace_prefill.py --quick --plain
 """
 
 import collections
-import functools
+import os
 import sys
 
 import torch  # noqa: F401 - before jax, so that its CUDA libraries load first
@@ -23,22 +25,17 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from prefill import HQ, HKV, D, flops, mosaic_attention
+from common import parse_args, write_table
+from prefill import CASES, HEADER, flops, implementations
 
-import jaxinfer
-
-BATCH, LENGTH, REPEAT = 1, 8192, 16
+REPEAT = 16
 
 
-def trace(name, fn, args):
-    """Runs fn REPEAT times in one jitted program (as common.time_per_call does) and
-    prints each kernel's count and median GPU time, and the span of the repeats."""
-    if "--plain" in sys.argv:
-        jax.block_until_ready(jax.jit(fn)(*args))
-        return
-
+def gpu_time_per_call(fn, args):
+    """Seconds from the first kernel's start to the last one's end, per call, over
+    REPEAT calls in one jitted program (as common.time_per_call runs them); prints
+    each kernel's count and median time."""
     def many(*a):
         outs = []
         for _ in range(REPEAT):
@@ -54,32 +51,36 @@ def trace(name, fn, args):
                      key=lambda e: e.time_range.start)
     by_name = collections.defaultdict(list)
     for e in kernels:
-        by_name[e.name[:90]].append(e.time_range.end - e.time_range.start)
-    span = (kernels[-1].time_range.end - kernels[0].time_range.start) / REPEAT if kernels else 0
-    f_call = flops(BATCH, LENGTH, True)
-    print(f"== {name}: {span:.1f} us per call from first to last kernel "
-          f"({f_call / span / 1e6:.0f} TFLOP/s)")
+        by_name[e.name[:100]].append(e.time_range.end - e.time_range.start)
     for kernel, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-        t = float(np.median(times))
-        print(f"  {len(times):4d} x {t:8.1f} us  {kernel}")
+        print(f"    {len(times):4d} x {np.median(times):9.1f} us  {kernel}")
+    return (kernels[-1].time_range.end - kernels[0].time_range.start) * 1e-6 / REPEAT
 
 
 def main():
-    kq, kk, kv_ = jax.random.split(jax.random.key(BATCH + LENGTH), 3)
-    q = jax.random.normal(kq, (BATCH, LENGTH, HQ, D), jnp.bfloat16)
-    k = jax.random.normal(kk, (BATCH, LENGTH, HKV, D), jnp.bfloat16)
-    v = jax.random.normal(kv_, (BATCH, LENGTH, HKV, D), jnp.bfloat16)
-    tokens = BATCH * LENGTH
-    indptr = np.arange(BATCH + 1, dtype=np.int32) * LENGTH
-    plan = jax.device_put(jaxinfer.plan_prefill(indptr, indptr, num_qo_heads=HQ, num_kv_heads=HKV,
-                                                max_batch=BATCH, max_q_tokens=tokens))
-    flat = lambda x: x.reshape(tokens, *x.shape[2:])  # noqa: E731
-    ragged = functools.partial(jaxinfer.batch_prefill_ragged, causal=True)
-    trace("jaxinfer ragged", ragged, [flat(q), flat(k), flat(v), plan])
-    trace("cuDNN", functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                                     implementation="cudnn"), [q, k, v])
-    trace("Mosaic GPU Pallas (fp16)", functools.partial(mosaic_attention, causal=True),
-          [x.astype(jnp.float16) for x in (q, k, v)])
+    plain = "--plain" in sys.argv
+    if plain:
+        sys.argv.remove("--plain")
+    args = parse_args(__doc__)
+    rows = []
+    for batch, length, causal in CASES[:1] if args.quick else CASES:
+        name = f"{batch} x {length}" + ("" if causal else " non-causal")
+        row = [name]
+        for column, fn, fn_args in implementations(batch, length, causal, args.only_jaxinfer):
+            if fn_args is None:
+                row.append("-")
+            elif plain:
+                jax.block_until_ready(jax.jit(fn)(*fn_args))
+            else:
+                print(f"{name}, {column}:", flush=True)
+                t = gpu_time_per_call(fn, fn_args)
+                row.append(f"{t * 1e3:.3f} ms, {flops(batch, length, causal) / t / 1e12:.0f} TFLOP/s")
+        rows.append(row)
+    if not plain:
+        header = HEADER[:3] if args.only_jaxinfer else HEADER
+        write_table(os.path.join(args.out, "trace_prefill.md"),
+                    "Batch prefill, GPU time of the kernels (CUPTI trace; bf16, 32/8 heads, D=128)",
+                    "cd benchmarks && python3 trace_prefill.py", header, rows)
 
 
 if __name__ == "__main__":
