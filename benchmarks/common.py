@@ -36,6 +36,20 @@ def device_name() -> str:
         return jax.devices()[0].device_kind
 
 
+def repeated(fn, repeat):
+    """One jitted program that calls ``fn`` ``repeat`` times in sequence."""
+    def many(*a):
+        outs = []
+        for _ in range(repeat):
+            # The barrier makes each repeat's inputs new values that depend on the
+            # previous output; returning every output keeps each repeat alive.
+            a, outs = jax.lax.optimization_barrier((a, outs))
+            outs = outs + [fn(*a)]
+        return outs
+
+    return jax.jit(many)
+
+
 def time_per_call(fn, args, *, repeat=None, calls=10, rounds=5) -> float:
     """Seconds per call of ``fn(*args)`` on the default device.
 
@@ -47,16 +61,7 @@ def time_per_call(fn, args, *, repeat=None, calls=10, rounds=5) -> float:
         raise ValueError(f"calls: the slope needs at least 3 dispatches per round, got {calls}")
 
     def timed(repeat, calls, rounds):
-        def many(*a):
-            outs = []
-            for _ in range(repeat):
-                # The barrier makes each repeat's inputs new values that depend on the
-                # previous output; returning every output keeps each repeat alive.
-                a, outs = jax.lax.optimization_barrier((a, outs))
-                outs = outs + [fn(*a)]
-            return outs
-
-        f = jax.jit(many)
+        f = repeated(fn, repeat)
         jax.block_until_ready(f(*args))
 
         def wall(n):

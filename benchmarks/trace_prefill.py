@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import jax
 import numpy as np
-from common import parse_args, write_table
+from common import parse_args, repeated, write_table
 from prefill import CASES, HEADER, flops, implementations
 
 REPEAT = 16
@@ -36,14 +36,7 @@ def gpu_time_per_call(fn, args):
     """Seconds from the first kernel's start to the last one's end, per call, over
     REPEAT calls in one jitted program (as common.time_per_call runs them); prints
     each kernel's count and median time."""
-    def many(*a):
-        outs = []
-        for _ in range(REPEAT):
-            a, outs = jax.lax.optimization_barrier((a, outs))
-            outs = outs + [fn(*a)]
-        return outs
-
-    f = jax.jit(many)
+    f = repeated(fn, REPEAT)
     jax.block_until_ready(f(*args))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         jax.block_until_ready(f(*args))
