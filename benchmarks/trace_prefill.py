@@ -62,12 +62,16 @@ def main():
         for column, fn, fn_args in implementations(batch, length, causal, args.only_jaxinfer):
             if fn_args is None:
                 row.append("-")
-            elif plain:
-                jax.block_until_ready(jax.jit(fn)(*fn_args))
-            else:
-                print(f"{name}, {column}:", flush=True)
+                continue
+            print(f"{name}, {column}:", flush=True)
+            try:
+                if plain:
+                    jax.block_until_ready(jax.jit(fn)(*fn_args))
+                    continue
                 t = gpu_time_per_call(fn, fn_args)
                 row.append(f"{t * 1e3:.3f} ms, {flops(batch, length, causal) / t / 1e12:.0f} TFLOP/s")
+            except Exception as e:  # noqa: BLE001 - report, keep going
+                row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
         rows.append(row)
     if not plain:
         header = HEADER[:3] if args.only_jaxinfer else HEADER
