@@ -13,7 +13,7 @@ Prints each program's kernels (count, median time) and writes trace_prefill.md t
 
     ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \\
         --section SchedulerStats --section InstructionStats --section Occupancy \\
-        -k regex:"prefill_ws|sdpa|mosaic" -c 3 python3 trace_prefill.py --quick --plain
+        -k regex:"prefill_ws|sdpa|mosaic" -c 4 python3 trace_prefill.py --quick --plain
 """
 
 import collections
