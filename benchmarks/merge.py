@@ -14,7 +14,6 @@ from jaxinfer import reference
 
 args = parse_args(__doc__)
 ceiling = copy_bandwidth()
-rows = []
 
 
 def measure(label, fns, args, nbytes):
@@ -32,6 +31,7 @@ def random_states(tokens, n, heads, dim):
             jax.random.normal(key_s, (tokens, n, heads), jnp.float32))
 
 
+rows = []
 shapes = [(4096, 2, 32, 128), (16384, 4, 32, 128), (512, 16, 32, 128)]
 for tokens, n, heads, dim in shapes[:1] if args.quick else shapes:
     v, s = random_states(tokens, n, heads, dim)
