@@ -119,8 +119,9 @@ __device__ __forceinline__ void pack_probabilities(const float (&s)[kKeys / 8][4
 // key tile. q_desc: wgmma_desc(p, 16, 1024) of the first of the warpgroup's
 // rows in a BlockSwizzle<kRows> tile; k_desc: the same of the key tile.
 // (Callers keep descriptors from one tile to the next: building one costs
-// about ten instructions.)
-template <typename T, int D, int kRows, int kKeys>
+// about ten instructions.) kWait false: the caller waits (wgmma_wait<0>, then
+// wgmma_fence_operands(s)) before it reads s, and may do other work first.
+template <typename T, int D, int kRows, int kKeys, bool kWait = true>
 __device__ __forceinline__ void wgmma_scores(float (&s)[kKeys / 8][4], uint64_t q_desc, uint64_t k_desc) {
 #pragma unroll
   for (int nt = 0; nt < kKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
@@ -133,8 +134,10 @@ __device__ __forceinline__ void wgmma_scores(float (&s)[kKeys / 8][4], uint64_t 
                        k_desc + wgmma_desc_step<T>(block * kKeys * 64 + within), ks > 0);
   }
   wgmma_commit();
-  wgmma_wait<0>();
-  wgmma_fence_operands(s);
+  if constexpr (kWait) {
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+  }
 }
 
 // Hopper: O += P V. V [keys][D] is N-major for this product: 64-column blocks

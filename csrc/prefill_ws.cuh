@@ -291,6 +291,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint8_t* custom_mask = kPlain ? nullptr : p.custom_mask;
   const uint64_t k_desc = wgmma_desc(k_stage(0), 16, 1024), v_desc = wgmma_desc(v_stage(0), kKeys * 128, 1024);
   constexpr uint64_t kStageStep = wgmma_desc_step<T>(L::kTileElems);
+  // Broadcast from lane 0, so that ptxas knows the warpgroup is warp-uniform and
+  // keeps the query descriptors in uniform registers (else an R2UR per S wgmma).
+  const int warpgroup = __shfl_sync(0xffffffff, warp / 4, 0);
   auto wait_full = [&](uint64_t* full, int g) {
     mbarrier_wait(&full[g % kStages], (g / kStages) & 1);
     fence_async_shared();  // the cp.async (generic proxy) data, now read by wgmma
@@ -299,26 +302,41 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncwarp();
     if (lane == 0) mbarrier_arrive(empty);  // this warp is done with it
   };
+  // The two warpgroups meet at named barrier 2 after issuing S and before
+  // issuing P V, warpgroup 1 one meeting behind: so each one's softmax runs
+  // while the other's MMAs do (Mosaic GPU's schedule; +1-3% over letting them
+  // drift, benchmarks/NOTES.md P49).
+  auto rendezvous = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory"); };
+  if (warpgroup == 1) rendezvous();  // warpgroup 1 starts a meeting behind ...
   int g = 0;  // tiles consumed
   for (int j = 0;; ++j) {
     const int qb = j % kQBuffers;
     mbarrier_wait(&q_full[qb], (j / kQBuffers) & 1);
     const int kv_head = s_work[qb][kPfItemFields];
-    if (kv_head < 0) break;
+    if (kv_head < 0) {
+      if (warpgroup == 0) rendezvous();  // ... and warpgroup 0 ends one behind
+      break;
+    }
     const PrefillItem item = read_prefill_item(p, s_work[qb], kRows);
     const int num_tiles = item.num_tiles(kKeys), kv_lo = item.kv_lo;
     fence_async_shared();  // the queries came by cp.async; wgmma reads them
     const ThreadRows mine = thread_rows(item, kv_head);
     prefetch_merge_state<T, D>(p, item, mine);
     // This warpgroup's 64 rows: 8 KB into each block of the query tile.
-    const uint64_t q_desc = wgmma_desc(q_buffer(qb) + (warp / 4) * 64 * 64, 16, 1024);
+    const uint64_t q_desc = wgmma_desc(q_buffer(qb) + warpgroup * 64 * 64, 16, 1024);
     float o[D / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    // A work without key tiles still meets once: else warpgroup 0 could wait in
+    // the next work for the query buffer that warpgroup 1 frees only after meeting it.
+    if (num_tiles == 0) rendezvous();
     for (int tile = 0; tile < num_tiles; ++tile, ++g) {
       const int s = g % kStages;
       wait_full(k_full, g);
       float sc[kKeys / 8][4];
-      wgmma_scores<T, D, kRows, kKeys>(sc, q_desc, k_desc + s * kStageStep);
+      wgmma_scores<T, D, kRows, kKeys, /*kWait=*/false>(sc, q_desc, k_desc + s * kStageStep);
+      rendezvous();
+      wgmma_wait<0>();
+      wgmma_fence_operands(sc);
       // The masks read the producer's row offsets and missing flag; then K is
       // free, and the producer hears so before the softmax runs.
       softmax_tile<kKeys>(sc, m, l, o, var, custom_mask, p.mask_len, item, mine, kv_lo + tile * kKeys,
@@ -327,6 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t p_frag[kKeys / 16][4];
       pack_probabilities<T, kKeys>(sc, p_frag);
       wait_full(v_full, g);
+      rendezvous();
       wgmma_attend<T, D, kKeys>(o, p_frag, v_desc + s * kStageStep);
       release(&v_empty[s]);
     }
