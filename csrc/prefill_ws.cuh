@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // The two warpgroups meet at named barrier 2 after issuing S and before
   // issuing P V, warpgroup 1 one meeting behind: so each one's softmax runs
-  // while the other's MMAs do (Mosaic GPU's schedule; +1-3% over letting them
-  // drift, benchmarks/NOTES.md P49).
+  // while the other's MMAs do (Mosaic GPU's schedule; 0-5% faster at D = 128
+  // than letting them drift, 1% slower at 16 x 1024: benchmarks/NOTES.md P49).
   auto rendezvous = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory"); };
   if (warpgroup == 1) rendezvous();  // warpgroup 1 starts a meeting behind ...
   int g = 0;  // tiles consumed
