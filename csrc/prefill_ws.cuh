@@ -19,9 +19,11 @@
 //   warps 0-7 (two consumer warpgroups of 64 rows): per work, wait for its
 //     queries; per tile, wait for K, S = Q K^T, variant and softmax, release
 //     K, wait for V, O += P V, release V; then release the queries and write
-//     the rows. The warpgroups never wait for each other. (Issuing S of the
-//     next tile with P V of this one, and alternating the warpgroups' MMAs as
-//     FlashAttention-3 does, measured no faster here: benchmarks/NOTES.md.)
+//     the rows. The warpgroups meet after issuing S and before issuing P V,
+//     one a meeting behind the other, so that one's softmax runs while the
+//     other's MMAs do (NOTES P49). (Issuing S of the next tile with P V of
+//     this one, as FlashAttention-3 does, measured slower here every time:
+//     benchmarks/NOTES.md P44.)
 //
 // Built twice: for any variant, and for the plain one (scale, causal or not),
 // whose consumer loop then holds no variant code at all: half the
