@@ -6,7 +6,8 @@
 #   device run: command="bash benchmarks/prefill_ab.sh scratch/bin/pk_main scratch/bin/pk_new",
 #               carry=["scratch/bin"]
 #
-# PREFILL_PAGE_SIZE_1=1 in the environment times the one-key-page (cp.async) path instead.
+# PREFILL_PAGE_SIZE=N in the environment times K/V through a page table of N-key pages
+# (TMA for N = 8-128, cp.async for others) instead of ragged K/V.
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
 status=0

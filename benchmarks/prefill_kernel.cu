@@ -26,46 +26,55 @@ constexpr int kHq = 32, kHkv = 8, kD = 128;
 using bf16 = __nv_bfloat16;
 
 // o[t, h] = softmax(sm_scale q k^T over visible keys) v, one thread per (token, head).
-__global__ void reference(const bf16* q, const bf16* k, const bf16* v, const int* qo_indptr, int batch,
-                          bool causal, float sm_scale, float* o) {
+// Request b's keys are rows kv_row[b] on of k and v.
+__global__ void reference(const bf16* q, const bf16* k, const bf16* v, const int* qo_indptr, const int* kv_row,
+                          int batch, bool causal, float sm_scale, float* o) {
   const int total_q = qo_indptr[batch];
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total_q * kHq) return;
   const int t = i / kHq, h = i % kHq, kvh = h / (kHq / kHkv);
   int b = 0;
   while (qo_indptr[b + 1] <= t) ++b;
-  const int begin = qo_indptr[b], len = qo_indptr[b + 1] - begin, pos = t - begin;
+  const int begin = qo_indptr[b], len = qo_indptr[b + 1] - begin, pos = t - begin, key0 = kv_row[b];
   const int end = causal ? pos + 1 : len;
   float m = -INFINITY, l = 0.f, acc[kD] = {};
   for (int j = 0; j < end; ++j) {
     float s = 0.f;
     for (int d = 0; d < kD; ++d) {
       s += __bfloat162float(q[(size_t(t) * kHq + h) * kD + d]) *
-           __bfloat162float(k[(size_t(begin + j) * kHkv + kvh) * kD + d]);
+           __bfloat162float(k[(size_t(key0 + j) * kHkv + kvh) * kD + d]);
     }
     s *= sm_scale;
     const float m_new = fmaxf(m, s), scale = expf(m - m_new), e = expf(s - m_new);
     l = l * scale + e;
-    for (int d = 0; d < kD; ++d) acc[d] = acc[d] * scale + e * __bfloat162float(v[(size_t(begin + j) * kHkv + kvh) * kD + d]);
+    for (int d = 0; d < kD; ++d) acc[d] = acc[d] * scale + e * __bfloat162float(v[(size_t(key0 + j) * kHkv + kvh) * kD + d]);
     m = m_new;
   }
   for (int d = 0; d < kD; ++d) o[size_t(i) * kD + d] = l > 0.f ? acc[d] / l : 0.f;
 }
 
 struct Batch {
-  std::vector<int> qo_indptr;
+  std::vector<int> qo_indptr, kv_row;  // kv_row[b]: request b's first key row
   bool causal;
   bf16 *q, *k, *v, *o;
   float* lse;
   jaxinfer::PrefillParams p{};
 };
 
-Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng) {
+// Self-attention over the requests' lengths. page_size 0: ragged K/V (rows
+// of k and v); else K/V through a page table (pages in order, each request's
+// keys from a page boundary).
+Batch make_batch(const std::vector<int>& lengths, bool causal, int page_size, std::mt19937& rng) {
   Batch b;
   b.causal = causal;
   b.qo_indptr = {0};
-  for (int len : lengths) b.qo_indptr.push_back(b.qo_indptr.back() + len);
-  const int batch = static_cast<int>(lengths.size()), total = b.qo_indptr.back();
+  b.kv_row = {0};
+  const int unit = std::max(page_size, 1);
+  for (int len : lengths) {
+    b.qo_indptr.push_back(b.qo_indptr.back() + len);
+    b.kv_row.push_back(b.kv_row.back() + (len + unit - 1) / unit * unit);
+  }
+  const int batch = static_cast<int>(lengths.size()), total = b.qo_indptr.back(), kv_rows = b.kv_row.back();
   std::normal_distribution<float> normal;
   auto random = [&](size_t n) {
     std::vector<bf16> x(n);
@@ -73,13 +82,14 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng
     return upload(x);
   };
   b.q = random(size_t(total) * kHq * kD);
-  b.k = random(size_t(total) * kHkv * kD);
-  b.v = random(size_t(total) * kHkv * kD);
+  b.k = random(size_t(kv_rows) * kHkv * kD);
+  b.v = random(size_t(kv_rows) * kHkv * kD);
   cudaMalloc(&b.o, size_t(total) * kHq * kD * sizeof(bf16));
   cudaMalloc(&b.lse, size_t(total) * kHq * sizeof(float));
 
-  std::vector<int> kv_len(lengths), kv_begin(b.qo_indptr.begin(), b.qo_indptr.end() - 1),
-      kv_end(b.qo_indptr.begin() + 1, b.qo_indptr.end()), mask_begin(batch, 0);
+  // Entries of the page table (ragged: rows) that hold each request's keys.
+  std::vector<int> kv_len(lengths), kv_begin(batch), kv_end(batch), mask_begin(batch, 0);
+  for (int i = 0; i < batch; ++i) kv_begin[i] = b.kv_row[i] / unit, kv_end[i] = (b.kv_row[i] + lengths[i] + unit - 1) / unit;
   const int group = kHq / kHkv;
   const int64_t capacity = (int64_t(total) * group / jaxinfer::kPrefillTileRows + batch + 1);
   std::vector<int32_t> items(capacity * jaxinfer::kPfItemFields);
@@ -94,13 +104,13 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng
   p.num_items = static_cast<int>(n);
   p.total_q = total;
   p.q = b.q, p.kv.k = b.k, p.kv.v = b.v;
-  p.kv.page_size = 1, p.kv.num_pages = total;  // ragged: rows of k, v
-  p.kv.stride_page = kHkv * kD, p.kv.stride_slot = 0, p.kv.stride_head = kD;
-  if (std::getenv("PREFILL_PAGE_SIZE_1")) {  // the same rows through a page table: the cp.async path
-    std::vector<int32_t> pages(total);
-    for (int i = 0; i < total; ++i) pages[i] = i;
+  p.kv.page_size = unit, p.kv.num_pages = kv_rows / unit;  // NHD pages (ragged: pages of one row)
+  p.kv.stride_page = unit * kHkv * kD, p.kv.stride_slot = kHkv * kD, p.kv.stride_head = kD;
+  if (page_size > 0) {
+    std::vector<int32_t> pages(p.kv.num_pages);
+    for (int i = 0; i < p.kv.num_pages; ++i) pages[i] = i;
     p.kv.kv_indices = upload(pages);
-    p.kv.num_kv_indices = total;
+    p.kv.num_kv_indices = p.kv.num_pages;
   }
   p.items = upload(items);
   p.o = b.o, p.lse = b.lse;
@@ -111,15 +121,15 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, std::mt19937& rng
   return b;
 }
 
-int check(std::mt19937& rng) {
-  Batch b = make_batch({1, 7, 300, 1000, 129}, true, rng);
+int check(int page_size, std::mt19937& rng) {
+  Batch b = make_batch({1, 7, 300, 1000, 129}, true, page_size, rng);
   const int total = b.qo_indptr.back();
   CHECK(cudaMemset(b.o, 0xff, size_t(total) * kHq * kD * sizeof(bf16)));  // NaN poison
   CHECK(jaxinfer::launch_prefill<kD>(b.p, nullptr));
   float* ref = nullptr;
   cudaMalloc(&ref, size_t(total) * kHq * kD * sizeof(float));
-  int* indptr = upload(b.qo_indptr);
-  reference<<<(total * kHq + 127) / 128, 128>>>(b.q, b.k, b.v, indptr, 5, true, b.p.variant.sm_scale, ref);
+  int *indptr = upload(b.qo_indptr), *kv_row = upload(b.kv_row);
+  reference<<<(total * kHq + 127) / 128, 128>>>(b.q, b.k, b.v, indptr, kv_row, 5, true, b.p.variant.sm_scale, ref);
   CHECK(cudaDeviceSynchronize());
   std::vector<bf16> got(size_t(total) * kHq * kD);
   std::vector<float> want(got.size());
@@ -137,12 +147,14 @@ int check(std::mt19937& rng) {
 }  // namespace
 
 // Optional argument: the index of the one case to time (for a profiler run).
-// PREFILL_PAGE_SIZE_1=1 in the environment: K/V through a page table of
-// one-key pages (cp.async copies, not TMA).
+// PREFILL_PAGE_SIZE=N in the environment: K/V through a page table of N-key
+// pages (TMA copies one page per box for N = 8-128, cp.async otherwise).
 int main(int argc, char** argv) {
   const int only = argc > 1 ? std::atoi(argv[1]) : -1;
+  const char* page_env = std::getenv("PREFILL_PAGE_SIZE");
+  const int page_size = page_env ? std::max(std::atoi(page_env), 1) : 0;
   std::mt19937 rng(0);
-  const int failed = check(rng);  // timed anyway: A/B builds may break results on purpose
+  const int failed = check(page_size, rng);  // timed anyway: A/B builds may break results on purpose
   struct Case { int batch, length; bool causal; };
   const Case cases[] = {{1, 8192, true}, {1, 16384, true}, {4, 4096, true}, {16, 1024, true}, {4, 4096, false}};
   cudaEvent_t start, stop;
@@ -151,9 +163,10 @@ int main(int argc, char** argv) {
   for (int index = 0; index < 5; ++index) {
     if (only >= 0 && index != only) continue;
     const Case& c = cases[index];
-    Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, rng);
+    Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, page_size, rng);
     if (index == 0 || only >= 0) {
-      std::printf("K/V copies: %s\n", jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv).box_rows ? "TMA" : "cp.async");
+      std::printf("K/V: %s, copies by %s\n", page_size ? "paged" : "ragged",
+                  jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv).box_rows ? "TMA" : "cp.async");
     }
     const double pairs = c.causal ? double(c.length) * (c.length + 1) / 2 : double(c.length) * c.length;
     const double flops = 4.0 * kHq * kD * c.batch * pairs;
