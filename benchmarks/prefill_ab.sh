@@ -7,7 +7,7 @@
 #               carry=["scratch/bin"]
 #
 # PREFILL_PAGE_SIZE=N in the environment times K/V through a page table of N-key pages
-# (TMA for N = 8-128, cp.async for others) instead of ragged K/V.
+# (TMA for N = 32-128, cp.async for others) instead of ragged K/V.
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
 status=0

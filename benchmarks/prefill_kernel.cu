@@ -148,7 +148,7 @@ int check(int page_size, std::mt19937& rng) {
 
 // Optional argument: the index of the one case to time (for a profiler run).
 // PREFILL_PAGE_SIZE=N in the environment: K/V through a page table of N-key
-// pages (TMA copies one page per box for N = 8-128, cp.async otherwise).
+// pages (TMA copies one page per box for N = 32-128, cp.async otherwise).
 int main(int argc, char** argv) {
   const int only = argc > 1 ? std::atoi(argv[1]) : -1;
   const char* page_env = std::getenv("PREFILL_PAGE_SIZE");

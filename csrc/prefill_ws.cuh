@@ -10,7 +10,7 @@
 //     per tile resolve the key rows
 //     (page-table reads) and copy K and then V into a free stage: by TMA
 //     (csrc/tma.cuh) when no row is missing and the boxes line up (ragged
-//     K/V; pages of 8 to 128 keys from a page-aligned first key), else with
+//     K/V; pages of 32 to 128 keys from a page-aligned first key), else with
 //     cp.async, which zero-fills missing rows. Each of a stage's K and V has
 //     its own full / empty barrier pair, so the next K loads as soon as the
 //     scores of the last one are done. setmaxnreg moves registers from this

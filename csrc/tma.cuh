@@ -29,7 +29,9 @@ struct KvTensorMaps {  // CUtensorMap brings its own 64-byte alignment
 
 // Ragged K/V: [rows][heads][D] as a 3-d tensor, one copy per 128-row tile.
 // Paged: [pages][slots][heads][D] (NHD) or [pages][heads][slots][D] (HND) as
-// a 4-d tensor, one copy per page; page sizes 8 to 128 that divide a tile.
+// a 4-d tensor, one copy per page; page sizes 32 to 128 that divide a tile
+// (pages of 16 keys load 4-7% faster by cp.async than by 16 boxes of 2 KB a
+// tile: benchmarks/NOTES.md P52).
 // Returns box_rows = 0 where TMA does not apply or the driver refuses.
 template <typename T, int D>
 KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
@@ -50,7 +52,7 @@ KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
   const bool ragged = kv.kv_indices == nullptr;
   // (Box coordinates are int32: larger caches keep cp.async.)
   if (encode == nullptr || kv.num_pages <= 0 || kv.num_pages > INT32_MAX ||
-      (!ragged && (kv.page_size < 8 || 128 % kv.page_size != 0))) {
+      (!ragged && (kv.page_size < 32 || 128 % kv.page_size != 0))) {
     return maps;
   }
   const cuuint64_t bytes = sizeof(T);

@@ -298,7 +298,8 @@ def test_gpu_prefill_grid(batch, head_dim, group, page_size, causal, mask, dtype
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,layout", [(16, "HND"), (32, "NHD"), (64, "HND"), (128, "NHD")])
 def test_gpu_prefill_tma_page_boxes(page_size, layout):
-    """Pages of 8 to 128 keys go to shared memory by TMA, one box per page (both layouts)."""
+    """Pages of 32 to 128 keys go to shared memory by TMA, one box per page (both layouts);
+    pages of 16, beside them, by cp.async."""
     q_lens, kv_lens = LENGTH_MIXES[3]
     case = make_case(q_lens, kv_lens, head_dim=128, group=4, num_kv_heads=2, page_size=page_size,
                      layout=layout)
