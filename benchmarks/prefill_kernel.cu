@@ -26,7 +26,7 @@ constexpr int kHq = 32, kHkv = 8, kD = 128;
 using bf16 = __nv_bfloat16;
 
 // o[t, h] = softmax(sm_scale q k^T over visible keys) v, one thread per (token, head).
-// Request b's keys are rows kv_row[b] on of k and v.
+// Request b's keys start at row kv_row[b] of k and v.
 __global__ void reference(const bf16* q, const bf16* k, const bf16* v, const int* qo_indptr, const int* kv_row,
                           int batch, bool causal, float sm_scale, float* o) {
   const int total_q = qo_indptr[batch];

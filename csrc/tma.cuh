@@ -30,7 +30,7 @@ struct KvTensorMaps {  // CUtensorMap brings its own 64-byte alignment
 // Ragged K/V: [rows][heads][D] as a 3-d tensor, one copy per 128-row tile.
 // Paged: [pages][slots][heads][D] (NHD) or [pages][heads][slots][D] (HND) as
 // a 4-d tensor, one copy per page; page sizes 32 to 128 that divide a tile
-// (pages of 16 keys load 4-7% faster by cp.async than by 16 boxes of 2 KB a
+// (pages of 16 keys load 3-7% faster by cp.async than by 16 boxes of 2 KB a
 // tile: benchmarks/NOTES.md P52).
 // Returns box_rows = 0 where TMA does not apply or the driver refuses.
 template <typename T, int D>
