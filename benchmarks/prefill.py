@@ -91,11 +91,12 @@ def implementations(batch, length, causal, only_jaxinfer=False):
 def main():
     args = parse_args(__doc__)
     ceiling = matmul_ceiling()
+    print(f"bf16 matmul ceiling: {ceiling / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
     for batch, length, causal in CASES[:1] if args.quick else CASES:
         f = flops(batch, length, causal)
         row = [f"{batch} x {length}" + ("" if causal else " non-causal")]
-        for _, fn, fn_args in implementations(batch, length, causal, args.only_jaxinfer):
+        for column, fn, fn_args in implementations(batch, length, causal, args.only_jaxinfer):
             if fn_args is None:
                 row.append("-")
                 continue
@@ -103,8 +104,9 @@ def main():
                 row.append(fmt(time_per_call(fn, fn_args), f, ceiling))
             except Exception as e:  # noqa: BLE001 - report, keep benchmarking
                 row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
+            # One line per measurement, as it ends (benchmarks/with_clocks.sh splits by line).
+            print(f"{row[0]}, {column}: {row[-1]}", flush=True)
         rows.append(row)
-        print(row, flush=True)
 
     write_table(os.path.join(args.out, "prefill.md"), "Batch prefill (bf16, 32/8 heads, D=128)",
                 "bash scripts/gpu_check.sh", HEADER[:3] if args.only_jaxinfer else HEADER, rows,
