@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs a command while nvidia-smi samples the GPU's SM clock, power draw and clock
-# event (throttle) reasons every 20 ms, stamps each line the command prints with the
+# Runs a command while nvidia-smi samples the GPU's SM clock, power draw, utilisation and
+# clock event (throttle) reasons every 20 ms, stamps each line the command prints with the
 # time, and then prints, for each line, those samples since the line before
 # (benchmarks/clock_phases.py). So a figure can be read against the clock it ran at:
 # a timing that keeps the card busy for seconds may run at a lower clock than one of
