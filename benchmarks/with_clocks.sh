@@ -2,9 +2,10 @@
 # Runs a command while nvidia-smi samples the GPU's SM clock, power draw, utilisation and
 # clock event (throttle) reasons every 20 ms, stamps each line the command prints with the
 # time, and then prints, for each line, those samples since the line before
-# (benchmarks/clock_phases.py). So a figure can be read against the clock it ran at:
-# a timing that keeps the card busy for seconds may run at a lower clock than one of
-# a few milliseconds (benchmarks/NOTES.md P53).
+# (benchmarks/clock_phases.py), so that a figure can be read against the clock it ran
+# at: under the card's power cap a long timing may run below the rest clock
+# (benchmarks/NOTES.md P53). nvidia-smi's clock is coarse; clock64 in a kernel
+# gives the effective rate (P56).
 #
 #   OUT=dir bash benchmarks/with_clocks.sh NAME COMMAND [ARG...]
 # writes $OUT/NAME.smi.csv (the samples) and $OUT/NAME.lines (the stamped output).
