@@ -8,7 +8,10 @@ FlashInfer's in ../shared/ANCHORS.md.
     cd benchmarks && python3 trace_prefill.py [--quick] [--only-jaxinfer]   # after scripts/gpu_check.sh
 
 Prints each program's kernels (count, median time) and writes trace_prefill.md to
---out. With --plain it only runs each program once, untraced, for Nsight Compute
+--out. With --slope it traces the benchmark's own timing instead
+(common.time_per_call, first case only) and prints the GPU's idle gaps between
+kernels, which the slope counts and a kernel's span does not (NOTES P53). With
+--plain it only runs each program once, untraced, for Nsight Compute
 (which cannot share CUPTI with torch.profiler):
 
     ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \\
@@ -26,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import jax
 import numpy as np
-from common import parse_args, repeated, write_table
+from common import parse_args, repeated, time_per_call, write_table
 from prefill import CASES, HEADER, flops, implementations
 
 REPEAT = 16
@@ -50,10 +53,47 @@ def gpu_time_per_call(fn, args):
     return (kernels[-1].time_range.end - kernels[0].time_range.start) * 1e-6 / REPEAT
 
 
+def slope_gaps(fn, args):
+    """common.time_per_call under the profiler: its figure, the kernels' busy time per
+    call of the longest kernel, and the idle gaps between consecutive kernels."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time_per_call(fn, args)
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA), key=lambda k: k[0])
+    longest = collections.Counter()
+    for start, end, name in kernels:
+        longest[name] += end - start
+    main_name = longest.most_common(1)[0][0]
+    calls = sum(1 for k in kernels if k[2] == main_name)
+    busy = gaps = 0.0
+    sizes = collections.Counter()
+    reach = kernels[0][0]
+    for start, end, _ in kernels:  # the union of the kernels' intervals, and the holes in it
+        if start > reach:
+            gap = start - reach
+            sizes["<5 us" if gap < 5 else "5-50 us" if gap < 50 else "50-500 us" if gap < 500 else ">500 us"] += 1
+            if gap < 500:  # longer ones are the rounds' synchronisations, outside the slope
+                gaps += gap
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    print(f"    slope {t * 1e6:.1f} us a call; {calls} calls of {main_name[:60]}: "
+          f"busy {busy / calls:.1f} us a call, gaps under 500 us {gaps / calls:.1f} us a call; "
+          f"gaps by size {dict(sizes)}", flush=True)
+
+
 def main():
     plain = "--plain" in sys.argv
     if plain:
         sys.argv.remove("--plain")
+    slope = "--slope" in sys.argv
+    if slope:
+        sys.argv.remove("--slope")
+        batch, length, causal = CASES[0]
+        for column, fn, fn_args in implementations(batch, length, causal):
+            if fn_args is not None and column != HEADER[4]:  # not XLA: 10 ms a call
+                print(f"{batch} x {length}, {column}:", flush=True)
+                slope_gaps(fn, fn_args)
+        return
     args = parse_args(__doc__)
     rows = []
     for batch, length, causal in CASES[:1] if args.quick else CASES:
