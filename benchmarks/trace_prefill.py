@@ -54,8 +54,8 @@ def gpu_time_per_call(fn, args):
 
 
 def slope_gaps(fn, args):
-    """common.time_per_call under the profiler: its figure, the kernels' busy time per
-    call of the longest kernel, and the idle gaps between consecutive kernels."""
+    """common.time_per_call under the profiler: its figure, the GPU's busy time per call
+    (calls counted by the kernel of most total time) and the idle gaps between kernels."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time_per_call(fn, args)
     kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
