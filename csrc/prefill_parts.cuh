@@ -173,6 +173,33 @@ __device__ __forceinline__ void prefetch_merge_state(const PrefillParams& p, con
   }
 }
 
+// write_rows for the plain output (no split partials, no merge_with state),
+// short and with few branches: the warp-specialised kernel runs it once a
+// work, from a cold instruction cache (benchmarks/NOTES.md P58). The
+// approximate reciprocal and log2 err by a few ulp of fp32, far below the
+// output's bf16 / fp16 rounding.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows_plain(const PrefillParams& p, const PrefillItem& it, const ThreadRows& mine,
+                                                 const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2]) {
+  const int tig = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    if (!mine.valid[i]) continue;
+    const int64_t out_row = (it.q_begin + mine.token[i]) * p.num_qo_heads + mine.head[i];
+    const bool seen = l[i] > 0.f;
+    const float scale = seen ? __fdividef(1.f, l[i]) : 0.f;
+    T* out = static_cast<T*>(p.o) + out_row * D + 2 * tig;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const float pair[2] = {o[dt][2 * i] * scale, o[dt][2 * i + 1] * scale};
+      store_float<T, 2>(out + dt * 8, pair);
+    }
+    if (tig == 0) p.lse[out_row] = seen ? m[i] + __log2f(l[i]) : -INFINITY;
+  }
+}
+
 // Normalises and writes this thread's two rows (zeros and -inf for a row that
 // saw no key): to o and lse, or to the partial state of the item's KV split.
 // A merge_with state (p.merge_o, p.merge_lse: the same rows over other keys)

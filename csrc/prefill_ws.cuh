@@ -352,7 +352,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       release(&v_empty[s]);
     }
     release(&q_empty[qb]);
-    write_rows<T, D>(p, item, mine, o, m, l);
+    if (p.partial_o == nullptr && p.merge_o == nullptr) {
+      write_rows_plain<T, D>(p, item, mine, o, m, l);
+    } else {
+      write_rows<T, D>(p, item, mine, o, m, l);
+    }
   }
 }
 
