@@ -11,6 +11,9 @@
 # Optional, to narrow the run: PYTEST_K="prefill or cascade" (a pytest -k expression),
 # PYTEST_ARGS (more pytest arguments, no spaces inside one), BENCH="decode" (benchmarks
 # to run; " " for none), BENCH_ARGS (e.g. --quick), SKIP_SANITIZER=1.
+# The tests run in 6 processes where pytest-xdist is installed (the GPU machine has it):
+# the 55 prefill and cascade tests took 154 s so, 470 s in one process, mostly compiling.
+# PYTEST_WORKERS=1 runs them in one.
 set -uo pipefail
 OUT=${OUT:-/tmp/jaxinfer-out}
 mkdir -p "$OUT"
@@ -28,10 +31,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import jax, jaxinfer._ffi as f; print('jax', jax.__version__, jax.devices(), f.family_platforms('merge'))"
 
 # Every test but the reference's own (CPU semantics, covered by CI) runs on the GPU.
-pytest_filter=()
-[ -n "${PYTEST_K:-}" ] && pytest_filter=(-k "$PYTEST_K")
+pytest_options=()
+[ -n "${PYTEST_K:-}" ] && pytest_options=(-k "$PYTEST_K")
+workers=${PYTEST_WORKERS:-6}
+[ "$workers" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && pytest_options+=(-n "$workers" -p no:benchmark)  # its plugin warns in every worker
 XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -x tests --ignore=tests/test_reference.py \
-  ${pytest_filter[@]+"${pytest_filter[@]}"} ${PYTEST_ARGS:-} 2>&1 \
+  ${pytest_options[@]+"${pytest_options[@]}"} ${PYTEST_ARGS:-} 2>&1 \
   | tee "$OUT/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 
