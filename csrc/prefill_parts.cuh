@@ -176,8 +176,8 @@ __device__ __forceinline__ void prefetch_merge_state(const PrefillParams& p, con
 // write_rows for the plain output (no split partials, no merge_with state),
 // short and with few branches: the warp-specialised kernel runs it once a
 // work, from a cold instruction cache (benchmarks/NOTES.md P58). The
-// approximate reciprocal and log2 err by a few ulp of fp32, far below the
-// output's bf16 / fp16 rounding.
+// approximate reciprocal (2 ulp) and log2 (about 2^-21 absolute) err far
+// below the output's bf16 / fp16 rounding.
 template <typename T, int D>
 __device__ __forceinline__ void write_rows_plain(const PrefillParams& p, const PrefillItem& it, const ThreadRows& mine,
                                                  const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2]) {
