@@ -304,19 +304,46 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncwarp();
     if (lane == 0) mbarrier_arrive(empty);  // this warp is done with it
   };
-  // The two warpgroups meet at named barrier 2 after issuing S and before
-  // issuing P V, warpgroup 1 one meeting behind: so each one's softmax runs
-  // while the other's MMAs do (Mosaic GPU's schedule; 0-5% faster at D = 128
-  // than letting them drift, 1% slower at 16 x 1024: benchmarks/NOTES.md P49).
-  auto rendezvous = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory"); };
-  if (warpgroup == 1) rendezvous();  // warpgroup 1 starts a meeting behind ...
+  // The two warpgroups meet after issuing S and before issuing P V, warpgroup 1
+  // one meeting behind: so each one's softmax runs while the other's MMAs do
+  // (Mosaic GPU's schedule; 0-5% faster at D = 128 than letting them drift, 1%
+  // slower at 16 x 1024: benchmarks/NOTES.md P49). Meeting k of each warpgroup
+  // (the same sequence in both) is at named barrier 2 + k % 2. So warpgroup 0
+  // may arrive at its next meeting without waiting as a work's last P V is done
+  // ("prepaid"): warpgroup 1, waiting there to issue its last P V, does not then
+  // also wait out warpgroup 0's epilogue, and the epilogues overlap (NOTES P59).
+  // Alternating barriers keep an early arrival from completing a later meeting:
+  // warpgroup 0's next blocking meeting uses the other barrier, and it pays
+  // ahead only after a work with tiles, so it is never two arrivals ahead.
+  // Immediate barrier ids (a warp-uniform branch): with a register id ptxas
+  // reserves all 16 named barriers.
+  auto meet = [](int barrier) {
+    if (barrier == 2) {
+      asm volatile("bar.sync 2, %0;\n" ::"n"(kConsumers) : "memory");
+    } else {
+      asm volatile("bar.sync 3, %0;\n" ::"n"(kConsumers) : "memory");
+    }
+  };
+  auto pay_ahead = [](int barrier) {
+    if (barrier == 2) {
+      asm volatile("bar.arrive 2, %0;\n" ::"n"(kConsumers) : "memory");
+    } else {
+      asm volatile("bar.arrive 3, %0;\n" ::"n"(kConsumers) : "memory");
+    }
+  };
+  int parity = 0;        // of the current work's first meeting
+  bool prepaid = false;  // warpgroup 0 has arrived at the current work's first meeting
+  if (warpgroup == 1) {  // warpgroup 1 starts a meeting behind ...
+    meet(2);
+    parity = 1;
+  }
   int g = 0;  // tiles consumed
   for (int j = 0;; ++j) {
     const int qb = j % kQBuffers;
     mbarrier_wait(&q_full[qb], (j / kQBuffers) & 1);
     const int kv_head = s_work[qb][kPfItemFields];
     if (kv_head < 0) {
-      if (warpgroup == 0) rendezvous();  // ... and warpgroup 0 ends one behind
+      if (warpgroup == 0 && !prepaid) meet(2 + parity);  // ... and warpgroup 0 ends one behind
       break;
     }
     const PrefillItem item = read_prefill_item(p, s_work[qb], kRows);
@@ -330,13 +357,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     // A work without key tiles still meets once: else warpgroup 0 could wait in
     // the next work for the query buffer that warpgroup 1 frees only after meeting it.
-    if (num_tiles == 0) rendezvous();
+    if (num_tiles == 0) {
+      if (!prepaid) meet(2 + parity);
+      parity ^= 1;
+    }
+    const int after_s = 2 + parity, before_pv = 3 - parity;  // a tile's two meetings
     for (int tile = 0; tile < num_tiles; ++tile, ++g) {
       const int s = g % kStages;
       wait_full(k_full, g);
       float sc[kKeys / 8][4];
       wgmma_scores<T, D, kRows, kKeys, /*kWait=*/false>(sc, q_desc, k_desc + s * kStageStep);
-      rendezvous();
+      if (tile > 0 || !prepaid) meet(after_s);
       wgmma_wait<0>();
       wgmma_fence_operands(sc);
       // The masks read the producer's row offsets and missing flag; then K is
@@ -347,10 +378,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t p_frag[kKeys / 16][4];
       pack_probabilities<T, kKeys>(sc, p_frag);
       wait_full(v_full, g);
-      rendezvous();
+      meet(before_pv);
       wgmma_attend<T, D, kKeys>(o, p_frag, v_desc + s * kStageStep);
       release(&v_empty[s]);
     }
+    prepaid = warpgroup == 0 && num_tiles > 0;
+    if (prepaid) pay_ahead(2 + parity);
     release(&q_empty[qb]);
     if (p.partial_o == nullptr && p.merge_o == nullptr) {
       write_rows_plain<T, D>(p, item, mine, o, m, l);
