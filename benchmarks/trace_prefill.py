@@ -12,8 +12,11 @@ Prints each program's kernels (count, median time) and writes trace_prefill.md t
 (common.time_per_call, first case only) and prints the GPU's idle gaps between
 kernels, which the slope counts and a kernel's span does not (NOTES P53). With
 --plain it only runs each program once, untraced, for Nsight Compute
-(which cannot share CUPTI with torch.profiler):
+(which cannot share CUPTI with torch.profiler). Without preallocation, since
+ncu saves and restores the device memory in use around each replayed kernel
+(with JAX preallocating 75% of the card, three kernels ran past 140 s: NOTES P65):
 
+    XLA_PYTHON_CLIENT_PREALLOCATE=false \\
     ncu --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \\
         --section SchedulerStats --section InstructionStats --section Occupancy \\
         -k regex:"prefill_ws|sdpa|mosaic" -c 4 python3 trace_prefill.py --quick --plain
