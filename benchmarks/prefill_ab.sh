@@ -2,7 +2,8 @@
 # A/B of prefill kernel builds (benchmarks/prefill_kernel.cu binaries) in one device
 # call: every binary twice, in alternating order, so that drift during the call shows
 # as spread within a build rather than as a difference between builds. Ends with one
-# line per build: each case's TFLOP/s over both rounds (min-max), and a failed check.
+# line per build: each case's TFLOP/s (decode-shaped cases: us) over both rounds (min-max),
+# and a failed check.
 #
 #   device run: command="bash benchmarks/prefill_ab.sh scratch/bin/pk_main scratch/bin/pk_new",
 #               carry=["scratch/bin"]
@@ -25,9 +26,10 @@ echo "== summary: TFLOP/s over both rounds (min-max)"
 for binary in "$@"; do
   name=$(basename "$binary")
   cat "$runs/$name".* | awk -v name="$name" '
-    match($0, /[0-9]+ x +[0-9]+ (non-)?causal/) {
+    match($0, /[0-9]+ x +[0-9]+ (non-)?causal|[0-9]+ x +[0-9]+ keys/) {
       c = substr($0, RSTART, RLENGTH); gsub(/ +/, " ", c); sub(/ causal/, "", c); sub(/ non-causal/, " nc", c)
       v = $(NF - 1) + 0
+      if (c ~ /keys/) { sub(/ keys/, " us", c); v = $(NF - 3) + 0 }  # decode-shaped: microseconds
       if (!(c in lo)) { order[++n] = c; lo[c] = hi[c] = v }
       if (v < lo[c]) lo[c] = v
       if (v > hi[c]) hi[c] = v

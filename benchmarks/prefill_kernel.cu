@@ -1,6 +1,7 @@
 // The prefill kernel alone, without JAX: times launch_prefill on the shapes of
-// benchmarks/prefill.py (ragged K/V, bf16, 32/8 heads, D = 128) and checks a
-// small causal batch against a plain fp32 kernel. For A/B runs of kernel
+// benchmarks/prefill.py (ragged K/V, bf16, 32/8 heads, D = 128), then on two
+// decode-shaped batches (one query a request: a cascade's suffix level, in
+// TB/s of K and V), and checks a small causal batch against a plain fp32 kernel. For A/B runs of kernel
 // changes: each build is one binary, so variants compile side by side.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
@@ -81,17 +82,18 @@ struct Batch {
   jaxinfer::PrefillParams p{};
 };
 
-// Self-attention over the requests' lengths. page_size 0: ragged K/V (rows
-// of k and v); else K/V through a page table (pages in order, each request's
-// keys from a page boundary).
-Batch make_batch(const std::vector<int>& lengths, bool causal, int page_size, std::mt19937& rng) {
+// Attention over the requests' key lengths; a request's queries are its last
+// q_len positions (q_len 0: all of them, self-attention). page_size 0: ragged
+// K/V (rows of k and v); else K/V through a page table (pages in order, each
+// request's keys from a page boundary).
+Batch make_batch(const std::vector<int>& lengths, bool causal, int page_size, std::mt19937& rng, int q_len = 0) {
   Batch b;
   b.causal = causal;
   b.qo_indptr = {0};
   b.kv_row = {0};
   const int unit = std::max(page_size, 1);
   for (int len : lengths) {
-    b.qo_indptr.push_back(b.qo_indptr.back() + len);
+    b.qo_indptr.push_back(b.qo_indptr.back() + (q_len > 0 ? q_len : len));
     b.kv_row.push_back(b.kv_row.back() + (len + unit - 1) / unit * unit);
   }
   const int batch = static_cast<int>(lengths.size()), total = b.qo_indptr.back(), kv_rows = b.kv_row.back();
@@ -176,15 +178,16 @@ int main(int argc, char** argv) {
   const int page_size = page_env ? std::max(std::atoi(page_env), 1) : 0;
   std::mt19937 rng(0);
   const int failed = check(page_size, rng);  // timed anyway: A/B builds may break results on purpose
-  struct Case { int batch, length; bool causal; };
-  const Case cases[] = {{1, 8192, true}, {1, 16384, true}, {4, 4096, true}, {16, 1024, true}, {4, 4096, false}};
+  struct Case { int batch, length; bool causal; int q_len = 0; };
+  const Case cases[] = {{1, 8192, true}, {1, 16384, true}, {4, 4096, true}, {16, 1024, true}, {4, 4096, false},
+                        {64, 512, true, 1}, {128, 256, true, 1}};
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
-  for (int index = 0; index < 5; ++index) {
+  for (int index = 0; index < 7; ++index) {
     if (only >= 0 && index != only) continue;
     const Case& c = cases[index];
-    Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, page_size, rng);
+    Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, page_size, rng, c.q_len);
     if (index == 0 || only >= 0) {
       std::printf("K/V: %s, copies by %s\n", page_size ? "paged" : "ragged",
                   jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv).box_rows ? "TMA" : "cp.async");
@@ -204,8 +207,14 @@ int main(int argc, char** argv) {
       ms.push_back(t / kCalls);
     }
     std::sort(ms.begin(), ms.end());
-    std::printf("%2d x %5d %-10s %7.3f ms  %5.0f TFLOP/s\n", c.batch, c.length, c.causal ? "causal" : "non-causal",
-                ms[3], flops / (ms[3] * 1e-3) / 1e12);
+    if (c.q_len > 0) {  // decode-shaped: K and V bytes moved
+      const double bytes = 2.0 * c.batch * c.length * kHkv * kD * sizeof(bf16);
+      std::printf("%3d x %5d keys, %d queries each %8.1f us  %5.2f TB/s\n", c.batch, c.length, c.q_len, ms[3] * 1e3,
+                  bytes / (ms[3] * 1e-3) / 1e12);
+    } else {
+      std::printf("%2d x %5d %-10s %7.3f ms  %5.0f TFLOP/s\n", c.batch, c.length, c.causal ? "causal" : "non-causal",
+                  ms[3], flops / (ms[3] * 1e-3) / 1e12);
+    }
   }
   // What a run costs in device time, for planning A/B calls.
   std::printf("run: %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
