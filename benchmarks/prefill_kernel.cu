@@ -1,7 +1,8 @@
 // The prefill kernel alone, without JAX: times launch_prefill on the shapes of
 // benchmarks/prefill.py (ragged K/V, bf16, 32/8 heads, D = 128), then on two
 // decode-shaped batches (one query a request: a cascade's suffix level, in
-// TB/s of K and V), and checks a small causal batch against a plain fp32 kernel. For A/B runs of kernel
+// TB/s of K and V), and checks small causal batches (self-attention, and one or
+// three queries a request) against a plain fp32 kernel. For A/B runs of kernel
 // changes: each build is one binary, so variants compile side by side.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. -DJAXINFER_WITH_CUDA \
@@ -15,6 +16,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "csrc/prefill.h"
@@ -28,18 +30,18 @@ constexpr int kHq = 32, kHkv = 8, kD = 128;
 using bf16 = __nv_bfloat16;
 
 // o[t, h] = softmax(sm_scale q k^T over visible keys) v, one warp per (token,
-// head), each lane 4 of the 128 columns. Request b's keys start at row kv_row[b]
-// of k and v.
+// head), each lane 4 of the 128 columns. Request b's kv_len[b] keys start at
+// row kv_row[b] of k and v; its queries are the last positions of its keys.
 __global__ void reference(const bf16* q, const bf16* k, const bf16* v, const int* qo_indptr, const int* kv_row,
-                          int batch, bool causal, float sm_scale, float* o) {
+                          const int* kv_len, int batch, bool causal, float sm_scale, float* o) {
   const int total_q = qo_indptr[batch];
   const int i = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
   if (i >= total_q * kHq) return;
   const int t = i / kHq, h = i % kHq, kvh = h / (kHq / kHkv);
   int b = 0;
   while (qo_indptr[b + 1] <= t) ++b;
-  const int begin = qo_indptr[b], len = qo_indptr[b + 1] - begin, pos = t - begin, key0 = kv_row[b];
-  const int end = causal ? pos + 1 : len;
+  const int begin = qo_indptr[b], q_len = qo_indptr[b + 1] - begin, key0 = kv_row[b];
+  const int pos = kv_len[b] - q_len + t - begin, end = causal ? pos + 1 : kv_len[b];
   float qd[4], acc[4] = {}, m = -INFINITY, l = 0.f;
   for (int d = 0; d < 4; ++d) qd[d] = __bfloat162float(q[(size_t(t) * kHq + h) * kD + lane * 4 + d]);
   for (int j = 0; j < end; ++j) {
@@ -75,7 +77,7 @@ __global__ void fill_normal(bf16* x, size_t n, uint32_t seed) {
 }
 
 struct Batch {
-  std::vector<int> qo_indptr, kv_row;  // kv_row[b]: request b's first key row
+  std::vector<int> qo_indptr, kv_row, kv_len;  // kv_row[b]: request b's first key row
   bool causal;
   bf16 *q, *k, *v, *o;
   float* lse;
@@ -89,6 +91,7 @@ struct Batch {
 Batch make_batch(const std::vector<int>& lengths, bool causal, int page_size, std::mt19937& rng, int q_len = 0) {
   Batch b;
   b.causal = causal;
+  b.kv_len = lengths;
   b.qo_indptr = {0};
   b.kv_row = {0};
   const int unit = std::max(page_size, 1);
@@ -143,15 +146,19 @@ Batch make_batch(const std::vector<int>& lengths, bool causal, int page_size, st
   return b;
 }
 
-int check(int page_size, std::mt19937& rng) {
-  Batch b = make_batch({1, 7, 300, 1000, 129}, true, page_size, rng);
+// Causal attention of `lengths` keys a request, the last q_len positions of
+// each as queries (0: all), against the fp32 reference; 0 if it matches.
+int check(int page_size, std::mt19937& rng, const std::vector<int>& lengths, int q_len) {
+  Batch b = make_batch(lengths, true, page_size, rng, q_len);
+  const int batch = static_cast<int>(lengths.size());
   const int total = b.qo_indptr.back();
   CHECK(cudaMemset(b.o, 0xff, size_t(total) * kHq * kD * sizeof(bf16)));  // NaN poison
   CHECK(jaxinfer::launch_prefill<kD>(b.p, nullptr));
   float* ref = nullptr;
   cudaMalloc(&ref, size_t(total) * kHq * kD * sizeof(float));
-  int *indptr = upload(b.qo_indptr), *kv_row = upload(b.kv_row);
-  reference<<<(total * kHq * 32 + 127) / 128, 128>>>(b.q, b.k, b.v, indptr, kv_row, 5, true, b.p.variant.sm_scale, ref);
+  int *indptr = upload(b.qo_indptr), *kv_row = upload(b.kv_row), *kv_len = upload(b.kv_len);
+  reference<<<(total * kHq * 32 + 127) / 128, 128>>>(b.q, b.k, b.v, indptr, kv_row, kv_len, batch, true,
+                                                     b.p.variant.sm_scale, ref);
   CHECK(cudaDeviceSynchronize());
   std::vector<bf16> got(size_t(total) * kHq * kD);
   std::vector<float> want(got.size());
@@ -162,7 +169,8 @@ int check(int page_size, std::mt19937& rng) {
     const float d = std::fabs(__bfloat162float(got[i]) - want[i]);
     err = std::isnan(d) ? INFINITY : std::max(err, d);
   }
-  std::printf("check (causal, lengths 1 7 300 1000 129): max |error| %.4f %s\n", err, err < 0.03f ? "ok" : "FAIL");
+  std::printf("check (causal, %zu requests, %s queries): max |error| %.4f %s\n", lengths.size(),
+              q_len ? std::to_string(q_len).c_str() : "all", err, err < 0.03f ? "ok" : "FAIL");
   return err < 0.03f ? 0 : 1;
 }
 
@@ -177,7 +185,12 @@ int main(int argc, char** argv) {
   const char* page_env = std::getenv("PREFILL_PAGE_SIZE");
   const int page_size = page_env ? std::max(std::atoi(page_env), 1) : 0;
   std::mt19937 rng(0);
-  const int failed = check(page_size, rng);  // timed anyway: A/B builds may break results on purpose
+  // Timed anyway: A/B builds may break results on purpose. The decode-shaped
+  // batches (one query, or three, a request) take the kernels' paths for works
+  // of few rows.
+  const int failed = check(page_size, rng, {1, 7, 300, 1000, 129}, 0) |
+                     check(page_size, rng, {1, 100, 128, 129, 300, 700}, 1) |
+                     check(page_size, rng, {3, 100, 128, 129, 300, 700}, 3);
   struct Case { int batch, length; bool causal; int q_len = 0; };
   const Case cases[] = {{1, 8192, true}, {1, 16384, true}, {4, 4096, true}, {16, 1024, true}, {4, 4096, false},
                         {64, 512, true, 1}, {128, 256, true, 1}};
