@@ -1,13 +1,14 @@
 """Cascade decode vs flat paged decode on the GPU, in one run.
 
-bf16, 32 query / 8 KV heads, head dim 128, page 16, one query per request.
-Every request shares one prefix and has its own suffix. Flat: batch_decode
-over each request's full page list (the prefix pages repeated in every
-table, so the prefix is read once per request). Cascade: the prefix level
-runs every request's query against the prefix once, the suffix level per
-request: both levels as one launch (the pages live in one pool), and, for
-comparison, one after the other (the suffix level merging the prefix level's
-state as it writes). Reports time and the speed-up over flat.
+bf16, 32 query / 8 KV heads, head dim 128, page 16 (NHD, or --kv-layout HND),
+one query per request. Every request shares one prefix and has its own
+suffix. Flat: batch_decode over each request's full page list (the prefix
+pages repeated in every table, so the prefix is read once per request).
+Cascade: the prefix level runs every request's query against the prefix
+once, the suffix level per request: both levels as one launch (the pages
+live in one pool), and, for comparison, one after the other (the suffix
+level merging the prefix level's state as it writes). Reports time and the
+speed-up over flat.
 
 For the issue's two target rows also a flat decode where every request owns a
 copy of the prefix (a server without prefix sharing): then no page is in two
@@ -25,27 +26,37 @@ from common import parse_args, time_per_call, write_table
 import jaxinfer
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
+LAYOUT = "NHD"  # --kv-layout
+
+
+def page_shape(num_pages):
+    """A paged cache's shape in LAYOUT."""
+    return (num_pages, PAGE, HKV, D) if LAYOUT == "NHD" else (num_pages, HKV, PAGE, D)
 
 
 def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     """Times the cascade's parts alone (--breakdown): what a speed-up has to come from."""
-    prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, return_lse=True)  # noqa: E731
+    prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, kv_layout=LAYOUT,  # noqa: E731
+                                                         return_lse=True)
     parts = {}
     shared, suffix = plan.levels
     parts[f"level 0 (batch_prefill, {shared.kv_splits.shape[0]} splits)"] = time_per_call(
         prefill, [q, k, v, shared])
     state = (jnp.zeros((batch, HQ, D), jnp.bfloat16), jnp.zeros((batch, HQ), jnp.float32))
     parts["level 1 (batch_prefill, causal, merge_with level 0)"] = time_per_call(
-        lambda q, k, v, p, s: jaxinfer.batch_prefill(q, (k, v), p, causal=True, merge_with=s,
-                                                     return_lse=True), [q, k, v, suffix, state])
+        lambda q, k, v, p, s: jaxinfer.batch_prefill(q, (k, v), p, kv_layout=LAYOUT, causal=True,
+                                                     merge_with=s, return_lse=True),
+        [q, k, v, suffix, state])
     parts["level 1 without merge_with"] = time_per_call(
-        lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, causal=True, return_lse=True),
+        lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, kv_layout=LAYOUT, causal=True,
+                                                  return_lse=True),
         [q, k, v, suffix])
     suffix_plan = jax.device_put(jaxinfer.plan_decode(
         levels[1][1], own.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
         max_batch=batch, max_pages=num_pages))
     parts["suffix as batch_decode"] = time_per_call(
-        lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, return_lse=True), [q, k, v, suffix_plan])
+        lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT, return_lse=True),
+        [q, k, v, suffix_plan])
     for splits in (4, 8, 16, 32):
         shared_plan = jax.device_put(jaxinfer.plan_cascade(
             levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
@@ -57,18 +68,21 @@ def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
 
 def flat_private_prefix(q, batch, pages_per_request, key):
     """Time of flat batch_decode when each request's pages (prefix copy + suffix) are its own."""
-    shape = (batch * pages_per_request, PAGE, HKV, D)
+    shape = page_shape(batch * pages_per_request)
     k = jax.random.normal(key, shape, jnp.bfloat16)
     v = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
     indptr = np.arange(batch + 1, dtype=np.int32) * pages_per_request
     plan = jax.device_put(jaxinfer.plan_decode(
         indptr, np.arange(shape[0], dtype=np.int32), np.full(batch, PAGE, np.int32), page_size=PAGE,
         num_kv_heads=HKV, max_batch=batch, max_pages=shape[0]))
-    return time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p), [q, k, v, plan])
+    return time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT),
+                         [q, k, v, plan])
 
 
 def main():
+    global LAYOUT
     args = parse_args(__doc__)
+    LAYOUT = args.kv_layout
     cases = [(p, b, s) for p in (8192, 32768) for b in (16, 64, 256) for s in (128, 1024)]
     targets = [(32768, 128, 256), (32768, 64, 512)]  # the issue's two
     cases += targets
@@ -79,7 +93,7 @@ def main():
         prefix_pages, suffix_pages = prefix // PAGE, suffix // PAGE
         num_pages = prefix_pages + batch * suffix_pages
         key = jax.random.key(prefix + batch + suffix)
-        k = jax.random.normal(key, (num_pages, PAGE, HKV, D), jnp.bfloat16)
+        k = jax.random.normal(key, page_shape(num_pages), jnp.bfloat16)
         v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
         q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
         shared = np.arange(prefix_pages, dtype=np.int32)
@@ -91,7 +105,8 @@ def main():
         flat_plan = jax.device_put(jaxinfer.plan_decode(
             flat_indptr, flat_table.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
             max_batch=batch, max_pages=flat_table.size))
-        t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p), [q, k, v, flat_plan])
+        t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT),
+                               [q, k, v, flat_plan])
 
         rows_q = np.arange(batch + 1, dtype=np.int32)
         levels = [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
@@ -101,7 +116,8 @@ def main():
             levels,
             num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
             max_groups=[1, batch], max_pages=[num_pages, num_pages]))
-        cascade = lambda q, k, v, p: jaxinfer.cascade_attention(q, [(k, v), (k, v)], p)  # noqa: E731
+        cascade = lambda q, k, v, p: jaxinfer.cascade_attention(  # noqa: E731
+            q, [(k, v), (k, v)], p, kv_layout=LAYOUT)
         t_cascade = time_per_call(cascade, [q, k, v, plan])
         t_chained = time_per_call(cascade, [q, k, v, plan._replace(fused=None)])
         row = [prefix, batch, suffix, f"{t_flat * 1e6:.0f} us", f"{t_cascade * 1e6:.0f} us",
@@ -117,7 +133,8 @@ def main():
         rows.append(row)
         print(row, flush=True)
 
-    write_table(os.path.join(args.out, "cascade.md"), "Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16)",
+    write_table(os.path.join(args.out, "cascade.md"),
+                f"Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16, {LAYOUT})",
                 "bash scripts/gpu_check.sh",
                 ["shared prefix", "batch", "suffix", "flat batch_decode", "cascade_attention", "speed-up",
                  "levels one after another", "flat, prefix copied per request (speed-up)"],

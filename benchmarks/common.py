@@ -95,6 +95,8 @@ def parse_args(description):
                    help="decode, prefill: skip the competitors (A/B runs of jaxinfer's kernels)")
     p.add_argument("--breakdown", action="store_true",
                    help="cascade: also time each part alone, for the issue's two cases")
+    p.add_argument("--kv-layout", choices=("NHD", "HND"), default="NHD",
+                   help="cascade: the paged cache's layout (both flat and cascade)")
     return p.parse_args()
 
 
