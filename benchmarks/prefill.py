@@ -5,9 +5,9 @@ bf16 (the Pallas kernel: fp16; jaxinfer ragged also in fp16, in the last
 column), 32 query / 8 KV heads, head dim 128, causal unless said. FLOPs = 4 *
 Hq * D * sum over requests of the visible (query, key) pairs (L(L+1)/2
 causal, L^2 not), FlashInfer's convention. The ceiling is a bf16 8192^3
-matmul measured in the same run. The competitors take a
-dense [batch, L, H, D] batch of equal lengths; jaxinfer takes the same
-tokens as a ragged batch (and as a paged cache, page 16).
+matmul measured in the same run. The competitors take a dense [batch, L, H,
+D] batch of equal lengths; jaxinfer takes the same tokens as a ragged batch
+(and as a paged cache, page 16).
 """
 
 import functools
