@@ -253,7 +253,38 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       };
-      for (int tile = 0; tile < num_tiles; ++tile, ++g) {
+      // The leading tiles of a ragged work whose rows all lie in the request and
+      // the cache: no key is missing, so thread 0 copies each by TMA without the
+      // rows resolved (the masks then see only that none is -1) and without the
+      // producers' meeting. A loop of its own: the other tiles' code stays as it was.
+      int tile = 0;
+      if (ragged && tma_ok && item.kv_begin + item.kv_lo >= 0) {
+        const int64_t end = min(int64_t(item.kv_hi), min(item.kv_end, int64_t(p.kv.num_pages)) - item.kv_begin);
+        const int whole_tiles = static_cast<int>(max(end - item.kv_lo, int64_t(0)) / kKeys);
+        auto whole_tile = [&](T* dst, const CUtensorMap* map, uint64_t* full, int first) {
+          if (i != 0) {
+            mbarrier_arrive(full);
+            return;
+          }
+          mbarrier_arrive_expect_tx(full, kKeys * D * sizeof(T));
+#pragma unroll
+          for (int b = 0; b < D / 64; ++b) {
+            tma_load_3d(dst + b * kKeys * 64, map, full, b * 64, kv_head, static_cast<int>(item.kv_begin + first));
+          }
+        };
+        for (; tile < whole_tiles; ++tile, ++g) {
+          const int s = g % kStages;
+          const uint32_t reuse_parity = ((g / kStages) - 1) & 1;
+          const int first = item.kv_lo + tile * kKeys;
+          if (g >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
+          s_rows[s][i] = 0;
+          if (i == 0) s_missing[s] = 0;
+          whole_tile(k_stage(s), &tma.k, &k_full[s], first);
+          if (g >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
+          whole_tile(v_stage(s), &tma.v, &v_full[s], first);
+        }
+      }
+      for (; tile < num_tiles; ++tile, ++g) {
         const int s = g % kStages;
         const uint32_t reuse_parity = ((g / kStages) - 1) & 1;
         if (g >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
