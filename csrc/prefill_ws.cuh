@@ -7,11 +7,12 @@
 //   warps 8-11 (producer warpgroup): per work, claim it (items-major order:
 //     a CTA's own index first, then the launch's counter), publish its
 //     item's fields and copy its query rows into a free query buffer; then
-//     per tile resolve the key rows
-//     (page-table reads) and copy K and then V into a free stage: by TMA
-//     (csrc/tma.cuh) when no row is missing and the boxes line up (ragged
-//     K/V; pages of 32 to 128 keys from a page-aligned first key), else with
-//     cp.async, which zero-fills missing rows. Each of a stage's K and V has
+//     per tile resolve the key rows (page-table reads) and copy K and then V
+//     into a free stage: by TMA (csrc/tma.cuh) when no row is missing and the
+//     boxes line up (ragged K/V; pages of 32 to 128 keys from a page-aligned
+//     first key), else with cp.async, which zero-fills missing rows. (A
+//     ragged tile wholly inside its request and the cache skips resolving its
+//     rows: thread 0 copies it by TMA at once.) Each of a stage's K and V has
 //     its own full / empty barrier pair, so the next K loads as soon as the
 //     scores of the last one are done. setmaxnreg moves registers from this
 //     warpgroup (56 at D = 128) to the consumers (224): 384 threads start at
