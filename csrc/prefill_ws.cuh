@@ -257,7 +257,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The leading tiles of a ragged work whose rows all lie in the request and
       // the cache: no key is missing, so thread 0 copies each by TMA without the
       // rows resolved (the masks then see only that none is -1) and without the
-      // producers' meeting. A loop of its own: the other tiles' code stays as it was.
+      // producers' meeting. A loop of its own: a branch in the other loop made the
+      // producer spill and slowed paged works (benchmarks/NOTES.md P76).
       int tile = 0;
       if (ragged && tma_ok && item.kv_begin + item.kv_lo >= 0) {
         const int64_t end = min(int64_t(item.kv_hi), min(item.kv_end, int64_t(p.kv.num_pages)) - item.kv_begin);
