@@ -46,8 +46,8 @@ def mosaic_attention(q, k, v, causal):
 
 
 CASES = [(1, 8192, True), (1, 16384, True), (4, 4096, True), (16, 1024, True), (4, 4096, False)]
-HEADER = ["case", "jaxinfer ragged", "jaxinfer paged (page 16)", "cuDNN", "XLA",
-          "Mosaic GPU Pallas (fp16)", "jaxinfer ragged (fp16)"]
+HEADER = ["case", "jaxinfer ragged", "jaxinfer paged (page 16)", "jaxinfer paged (pages in order)",
+          "cuDNN", "XLA", "Mosaic GPU Pallas (fp16)", "jaxinfer ragged (fp16)"]
 
 
 def implementations(batch, length, causal, only_jaxinfer=False):
@@ -65,30 +65,32 @@ def implementations(batch, length, causal, only_jaxinfer=False):
     ragged = functools.partial(jaxinfer.batch_prefill_ragged, causal=causal)
     out = [(HEADER[1], ragged, [flat(q), flat(k), flat(v), plan])]
 
-    # Paged: the same keys in a page-16 cache, pages in a random order.
+    # Paged: the same keys in a page-16 cache, pages in a random order; then in order, as a
+    # cache fills when pages are allocated in order (the kernel copies such runs as blocks).
     pages = tokens // PAGE
-    perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
-    k_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(k).reshape(pages, PAGE, HKV, D))
-    v_cache = jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[perm].set(flat(v).reshape(pages, PAGE, HKV, D))
     page_indptr = np.arange(batch + 1, dtype=np.int32) * (length // PAGE)
-    paged_plan = jax.device_put(jaxinfer.plan_prefill(
-        indptr, page_indptr, perm, np.full(batch, PAGE, np.int32), page_size=PAGE,
-        num_qo_heads=HQ, num_kv_heads=HKV, max_batch=batch, max_q_tokens=tokens, max_pages=pages))
     paged = functools.partial(jaxinfer.batch_prefill, causal=causal)
-    out.append((HEADER[2], lambda q, k, v, p: paged(q, (k, v), p), [flat(q), k_cache, v_cache, paged_plan]))
+    for column, order in ((HEADER[2], np.random.default_rng(0).permutation(pages)), (HEADER[3], np.arange(pages))):
+        order = order.astype(np.int32)
+        k_cache, v_cache = (jnp.zeros((pages, PAGE, HKV, D), jnp.bfloat16).at[order].set(
+            flat(x).reshape(pages, PAGE, HKV, D)) for x in (k, v))
+        paged_plan = jax.device_put(jaxinfer.plan_prefill(
+            indptr, page_indptr, order, np.full(batch, PAGE, np.int32), page_size=PAGE,
+            num_qo_heads=HQ, num_kv_heads=HKV, max_batch=batch, max_q_tokens=tokens, max_pages=pages))
+        out.append((column, lambda q, k, v, p: paged(q, (k, v), p), [flat(q), k_cache, v_cache, paged_plan]))
     if only_jaxinfer:
         return out
 
-    for column, implementation in ((HEADER[3], "cudnn"), (HEADER[4], "xla")):
+    for column, implementation in ((HEADER[4], "cudnn"), (HEADER[5], "xla")):
         fits = implementation != "xla" or tokens * length <= 8192 * 8192  # the dense logits
         fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                implementation=implementation)
         out.append((column, fn, [q, k, v] if fits else None))
-    out.append((HEADER[5], functools.partial(mosaic_attention, causal=causal),
+    out.append((HEADER[6], functools.partial(mosaic_attention, causal=causal),
                 [x.astype(jnp.float16) for x in (q, k, v)]))
     # In the Pallas kernel's dtype too: under the card's power cap the dtype may
     # matter as well as the schedule (benchmarks/NOTES.md P53).
-    out.append((HEADER[6], ragged, [flat(x).astype(jnp.float16) for x in (q, k, v)] + [plan]))
+    out.append((HEADER[7], ragged, [flat(x).astype(jnp.float16) for x in (q, k, v)] + [plan]))
     return out
 
 
@@ -113,7 +115,7 @@ def main():
         rows.append(row)
 
     write_table(os.path.join(args.out, "prefill.md"), "Batch prefill (bf16, 32/8 heads, D=128)",
-                "bash scripts/gpu_check.sh", HEADER[:3] if args.only_jaxinfer else HEADER, rows,
+                "bash scripts/gpu_check.sh", HEADER[:4] if args.only_jaxinfer else HEADER, rows,
                 f"bf16 matmul ceiling measured in the same run: {ceiling / 1e12:.0f} TFLOP/s. "
                 "On sm_90 jaxinfer runs its warp-specialised Hopper kernel (csrc/prefill_ws.cuh).")
 

@@ -202,8 +202,9 @@ int main(int argc, char** argv) {
     const Case& c = cases[index];
     Batch b = make_batch(std::vector<int>(c.batch, c.length), c.causal, page_size, rng, c.q_len);
     if (index == 0 || only >= 0) {
-      std::printf("K/V: %s, copies by %s\n", page_size ? "paged" : "ragged",
-                  jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv).box_rows ? "TMA" : "cp.async");
+      const jaxinfer::KvTensorMaps maps = jaxinfer::encode_kv_tensor_maps<bf16, kD>(b.p.kv, kHkv);
+      std::printf("K/V: %s, copies by %s\n", page_size ? "paged (pages in order)" : "ragged",
+                  maps.box_rows ? "TMA" : maps.row_pages ? "TMA for runs of consecutive pages" : "cp.async");
     }
     const double pairs = c.causal ? double(c.length) * (c.length + 1) / 2 : double(c.length) * c.length;
     const double flops = 4.0 * kHq * kD * c.batch * pairs;

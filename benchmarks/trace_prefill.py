@@ -91,7 +91,7 @@ def main():
     if "--slope" in sys.argv:
         batch, length, causal = CASES[0]
         for column, fn, fn_args in implementations(batch, length, causal):
-            if fn_args is not None and column != HEADER[4]:  # not XLA: 10 ms a call
+            if fn_args is not None and column != HEADER[5]:  # not XLA: 10 ms a call
                 print(f"{batch} x {length}, {column}:", flush=True)
                 try:
                     slope_gaps(fn, fn_args)
@@ -118,7 +118,7 @@ def main():
                 row.append(f"error: {type(e).__name__}: {str(e)[:60]}")
         rows.append(row)
     if not plain:
-        header = HEADER[:3] if args.only_jaxinfer else HEADER
+        header = HEADER[:4] if args.only_jaxinfer else HEADER
         write_table(os.path.join(args.out, "trace_prefill.md"),
                     "Batch prefill, GPU time of the kernels (CUPTI trace; bf16, 32/8 heads, D=128)",
                     "cd benchmarks && python3 trace_prefill.py", header, rows)

@@ -161,6 +161,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbarrier_arrive_on_cp_async(full);  // completes once the copies have landed
       mbarrier_arrive(full);
     };
+    // Whether x holds for any producer thread: they meet at named barrier 1 to learn it.
+    auto any_producer = [](bool x) {
+      int any;
+      asm volatile(
+          "{\n.reg .pred in, out;\nsetp.ne.s32 in, %1, 0;\n"
+          "bar.red.or.pred out, 1, %2, in;\nselp.s32 %0, 1, 0, out;\n}\n"
+          : "=r"(any)
+          : "r"(int(x)), "n"(kProducers)
+          : "memory");
+      return any != 0;
+    };
     const bool ragged = p.kv.kv_indices == nullptr;
     const int64_t num_items = p.num_items, num_works = num_items * p.num_kv_heads;
     // Work w is (item, KV head): items-major (w = head * num_items + item: the
@@ -254,36 +265,80 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       };
-      // The leading tiles of a ragged work whose rows all lie in the request and
-      // the cache: no key is missing, so thread 0 copies each by TMA without the
-      // rows resolved (the masks then see only that none is -1) and without the
-      // producers' meeting. A loop of its own: a branch in the other loop made the
-      // producer spill and slowed paged works (benchmarks/NOTES.md P76).
+      // A work's leading tiles whose 128 keys lie in consecutive rows of the
+      // cache, all present: no key is missing, so thread 0 copies each by TMA
+      // without the rows resolved (the masks then see only that none is -1)
+      // and without the producers' meeting. Loops of their own: a branch in the
+      // other loop made the producer spill and slowed paged works, and one loop
+      // for ragged and paged runs slowed ragged works (benchmarks/NOTES.md P76, P80).
+      auto whole_tile = [&](T* dst, const CUtensorMap* map, uint64_t* full, int row) {
+        if (i != 0) {
+          mbarrier_arrive(full);
+          return;
+        }
+        mbarrier_arrive_expect_tx(full, kKeys * D * sizeof(T));
+#pragma unroll
+        for (int b = 0; b < D / 64; ++b) tma_load_3d(dst + b * kKeys * 64, map, full, b * 64, kv_head, row);
+      };
+      auto whole_stage = [&](int row) {
+        const int s = g % kStages;
+        const uint32_t reuse_parity = ((g / kStages) - 1) & 1;
+        if (g >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
+        s_rows[s][i] = 0;
+        if (i == 0) s_missing[s] = 0;
+        whole_tile(k_stage(s), &tma.k, &k_full[s], row);
+        if (g >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
+        whole_tile(v_stage(s), &tma.v, &v_full[s], row);
+      };
       int tile = 0;
       if (ragged && tma_ok && item.kv_begin + item.kv_lo >= 0) {
+        // Ragged: the tiles inside the request's rows and the cache.
         const int64_t end = min(int64_t(item.kv_hi), min(item.kv_end, int64_t(p.kv.num_pages)) - item.kv_begin);
         const int whole_tiles = static_cast<int>(max(end - item.kv_lo, int64_t(0)) / kKeys);
-        auto whole_tile = [&](T* dst, const CUtensorMap* map, uint64_t* full, int first) {
-          if (i != 0) {
-            mbarrier_arrive(full);
-            return;
+        for (; tile < whole_tiles; ++tile, ++g) whole_stage(static_cast<int>(item.kv_begin + item.kv_lo + tile * kKeys));
+      }
+      if (!ragged && tma.row_pages) {
+        // Paged (tma.row_pages): the tiles whose pages run consecutively through
+        // the cache, as pages allocated in order do. The producers check the
+        // work's page-table entries as the tiles reach them, thread i entry
+        // entry0 + checked + i, and meet to learn whether all are in order:
+        // 128 entries at a time, then, once such a check fails, one tile's
+        // entries at a time; the first tile whose check fails ends the run,
+        // and the other loop takes the rest.
+        const int page_size = p.kv.page_size;
+        const int64_t entry0 = item.kv_begin + item.kv_lo / page_size;              // key kv_lo's page
+        const int64_t last = item.kv_begin + (int64_t(item.kv_hi) - 1) / page_size;  // the work's last page
+        const int tile_entries = min(kKeys / page_size + 2, kProducers);            // covers a tile's pages
+        int span = kProducers;  // entries a check covers
+        int64_t checked = 0;    // entries from entry0 found in order
+        int64_t first_row = 0;  // key kv_lo's row
+        bool in_run = true;
+        for (; tile < num_tiles; ++tile, ++g) {
+          const int64_t end = int64_t(item.kv_lo) + (tile + 1) * kKeys;  // past the tile's last key
+          if (end > item.kv_hi) break;  // a short last tile: the other loop masks it
+          while (end > (item.kv_lo / page_size + checked) * page_size) {
+            const int64_t entry = entry0 + checked + i;
+            bool bad = false;
+            if (i < span && entry <= last) {
+              // entry0 <= entry: both in the table only if entry is.
+              bad = entry >= item.kv_end;
+              if (!bad) {
+                const int64_t page0 = p.kv.kv_indices[entry0], page = p.kv.kv_indices[entry];
+                bad = page0 < 0 || page != page0 + checked + i || page >= p.kv.num_pages;
+                first_row = page0 * page_size + item.kv_lo % page_size;
+              }
+            }
+            if (!any_producer(bad)) {
+              checked += span;
+            } else if (span > tile_entries) {
+              span = tile_entries;
+            } else {
+              in_run = false;
+              break;
+            }
           }
-          mbarrier_arrive_expect_tx(full, kKeys * D * sizeof(T));
-#pragma unroll
-          for (int b = 0; b < D / 64; ++b) {
-            tma_load_3d(dst + b * kKeys * 64, map, full, b * 64, kv_head, static_cast<int>(item.kv_begin + first));
-          }
-        };
-        for (; tile < whole_tiles; ++tile, ++g) {
-          const int s = g % kStages;
-          const uint32_t reuse_parity = ((g / kStages) - 1) & 1;
-          const int first = item.kv_lo + tile * kKeys;
-          if (g >= kStages) mbarrier_wait(&k_empty[s], reuse_parity);
-          s_rows[s][i] = 0;
-          if (i == 0) s_missing[s] = 0;
-          whole_tile(k_stage(s), &tma.k, &k_full[s], first);
-          if (g >= kStages) mbarrier_wait(&v_empty[s], reuse_parity);
-          whole_tile(v_stage(s), &tma.v, &v_full[s], first);
+          if (!in_run) break;
+          whole_stage(static_cast<int>(first_row + tile * kKeys));
         }
       }
       for (; tile < num_tiles; ++tile, ++g) {
@@ -295,13 +350,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int64_t offset = pos < item.kv_hi ? p.kv.row_offset(item.kv_begin, item.kv_end, pos) : -1;
         s_rows[s][i] = offset;
         // Named barrier 1 over the producers: the rows are written, and whether any is missing.
-        int missing;
-        asm volatile(
-            "{\n.reg .pred in, out;\nsetp.ne.s32 in, %1, 0;\n"
-            "bar.red.or.pred out, 1, %2, in;\nselp.s32 %0, 1, 0, out;\n}\n"
-            : "=r"(missing)
-            : "r"(int(offset < 0)), "n"(kProducers)
-            : "memory");
+        const int missing = any_producer(offset < 0);
         if (i == 0) s_missing[s] = missing;
         const bool by_tma = tma_ok && !missing;
         if (by_tma) {

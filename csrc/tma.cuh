@@ -22,17 +22,23 @@ namespace jaxinfer {
 // Descriptors of K and V, a kernel parameter (__grid_constant__: TMA reads
 // them where they lie). box_rows: key rows per copy, 128 (a ragged tile) or
 // the page size (one page); 0: no TMA, the kernel copies with cp.async.
+// row_pages: no TMA per page, but the maps view the paged cache as rows
+// ([pages * page_size][heads][D], NHD pages back to back), for the tiles
+// whose pages run consecutively through the cache (benchmarks/NOTES.md P80).
 struct KvTensorMaps {  // CUtensorMap brings its own 64-byte alignment
   CUtensorMap k, v;
   int box_rows;
+  int row_pages;
 };
 
 // Ragged K/V: [rows][heads][D] as a 3-d tensor, one copy per 128-row tile.
 // Paged: [pages][slots][heads][D] (NHD) or [pages][heads][slots][D] (HND) as
 // a 4-d tensor, one copy per page; page sizes 32 to 128 that divide a tile
 // (pages of 16 keys load 3-7% faster by cp.async than by 16 boxes of 2 KB a
-// tile: benchmarks/NOTES.md P52).
-// Returns box_rows = 0 where TMA does not apply or the driver refuses.
+// tile: benchmarks/NOTES.md P52). Other NHD pages laid out back to back: the
+// ragged view of their rows (row_pages), for runs of consecutive pages.
+// Returns box_rows = 0 and row_pages = 0 where TMA does not apply or the
+// driver refuses.
 template <typename T, int D>
 KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
   static_assert(sizeof(T) == 2 && D % 64 == 0, "16-bit elements in 128-byte boxes");
@@ -49,30 +55,36 @@ KvTensorMaps encode_kv_tensor_maps(const KvCache& kv, int num_kv_heads) {
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
   KvTensorMaps maps{};
-  const bool ragged = kv.kv_indices == nullptr;
+  // Pages that TMA does not copy one by one, laid out back to back (NHD), read as rows.
+  const bool paged_boxes = kv.page_size >= 32 && 128 % kv.page_size == 0;
+  const bool row_pages = kv.kv_indices != nullptr && !paged_boxes && kv.stride_page == kv.page_size * kv.stride_slot &&
+                         kv.num_pages <= INT32_MAX / kv.page_size;
+  const bool as_rows = kv.kv_indices == nullptr || row_pages;  // the 3-d view
+  const int64_t rows = row_pages ? kv.num_pages * kv.page_size : kv.num_pages;
   // (Box coordinates are int32: larger caches keep cp.async.)
   if (encode == nullptr || kv.num_pages <= 0 || kv.num_pages > INT32_MAX ||
-      (!ragged && (kv.page_size < 32 || 128 % kv.page_size != 0))) {
+      (!as_rows && !paged_boxes)) {
     return maps;
   }
   const cuuint64_t bytes = sizeof(T);
-  const cuuint32_t rank = ragged ? 3 : 4;
-  const cuuint64_t ragged_dims[3] = {D, cuuint64_t(num_kv_heads), cuuint64_t(kv.num_pages)};
+  const cuuint32_t rank = as_rows ? 3 : 4;
+  const cuuint64_t ragged_dims[3] = {D, cuuint64_t(num_kv_heads), cuuint64_t(rows)};
   const cuuint64_t paged_dims[4] = {D, cuuint64_t(kv.page_size), cuuint64_t(num_kv_heads), cuuint64_t(kv.num_pages)};
-  const cuuint64_t ragged_strides[2] = {kv.stride_head * bytes, kv.stride_page * bytes};
+  const cuuint64_t ragged_strides[2] = {kv.stride_head * bytes, (row_pages ? kv.stride_slot : kv.stride_page) * bytes};
   const cuuint64_t paged_strides[3] = {kv.stride_slot * bytes, kv.stride_head * bytes, kv.stride_page * bytes};
   const cuuint32_t ragged_box[3] = {64, 1, 128};
   const cuuint32_t paged_box[4] = {64, cuuint32_t(kv.page_size), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   for (CUtensorMap* map : {&maps.k, &maps.v}) {
     void* base = const_cast<void*>(map == &maps.k ? kv.k : kv.v);
-    const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, rank, base, ragged ? ragged_dims : paged_dims,
-                              ragged ? ragged_strides : paged_strides, ragged ? ragged_box : paged_box, unit,
+    const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, rank, base, as_rows ? ragged_dims : paged_dims,
+                              as_rows ? ragged_strides : paged_strides, as_rows ? ragged_box : paged_box, unit,
                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) return KvTensorMaps{};
   }
-  maps.box_rows = ragged ? 128 : kv.page_size;
+  maps.box_rows = row_pages ? 0 : as_rows ? 128 : kv.page_size;
+  maps.row_pages = row_pages;
   return maps;
 }
 

@@ -20,8 +20,9 @@ REQUEST, Q_BEGIN, Q_LEN, ROW_BEGIN, KV_LEN, KV_BEGIN, KV_END, MASK_BEGIN, SPLIT,
 
 def make_case(q_lens, kv_lens, *, head_dim, group, num_kv_heads=1, page_size=16, paged=True,
               layout="NHD", dtype=jnp.bfloat16, max_batch=None, max_q_tokens=None, mask=False,
-              kv_splits=1):
-    """Random inputs, the plan, and the pieces the per-request reference needs."""
+              kv_splits=1, page_runs=False):
+    """Random inputs, the plan, and the pieces the per-request reference needs. page_runs:
+    the pages run in order through the cache, in runs of random length (page_table_runs)."""
     batch = len(q_lens)
     max_batch = max_batch or batch
     max_q_tokens = max_q_tokens or sum(q_lens) + 3
@@ -34,6 +35,8 @@ def make_case(q_lens, kv_lens, *, head_dim, group, num_kv_heads=1, page_size=16,
         num_pages = sum((n + page_size - 1) // page_size for n in kv_lens) + 3
         case["cache"] = random_cache(num_pages, page_size, num_kv_heads, head_dim, dtype, layout)
         kv_indptr, kv_indices, last = page_table(kv_lens, page_size, num_pages)
+        if page_runs:
+            kv_indices = page_table_runs(num_pages)[:len(kv_indices)]
         case.update(kv_indptr=kv_indptr, kv_indices=kv_indices, last=last)
         plan = jaxinfer.plan_prefill(qo_indptr, kv_indptr, kv_indices, last, page_size=page_size,
                                      num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -51,6 +54,15 @@ def make_case(q_lens, kv_lens, *, head_dim, group, num_kv_heads=1, page_size=16,
         sizes = [a * b for a, b in zip(q_lens, kv_lens)]
         case["mask"] = jnp.asarray(RNG.random(sum(sizes) + 7) < 0.7)
     return case
+
+
+def page_table_runs(num_pages, runs=6):
+    """Every page of the cache once: in order, cut into `runs` runs of random length, the runs
+    shuffled. Tiles inside a run load as one block (the kernel checks the table for runs);
+    those across a cut or past a request's end take the copy row by row."""
+    cuts = np.sort(RNG.choice(np.arange(1, num_pages), size=min(runs - 1, num_pages - 1), replace=False))
+    pieces = np.split(np.arange(num_pages, dtype=np.int32), cuts)
+    return np.concatenate([pieces[i] for i in RNG.permutation(len(pieces))])
 
 
 def run(case, **options):
@@ -304,6 +316,17 @@ def test_gpu_prefill_tma_page_boxes(page_size, layout):
     case = make_case(q_lens, kv_lens, head_dim=128, group=4, num_kv_heads=2, page_size=page_size,
                      layout=layout)
     check(case, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,causal,kv_splits", [(1, True, 1), (8, False, 3), (16, True, 1)])
+def test_gpu_prefill_page_runs(page_size, causal, kv_splits):
+    """Pages in order (NHD): the tiles of consecutive pages load as one block of cache rows,
+    the rest row by row, in one work."""
+    q_lens, kv_lens = LENGTH_MIXES[16]
+    case = make_case(q_lens, kv_lens, head_dim=128, group=4, num_kv_heads=2, page_size=page_size,
+                     kv_splits=kv_splits, page_runs=True)
+    check(case, causal=causal)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@
 #include "tests/cuda/check.h"
 
 int main() {
-  // 40 pages: 320 rows ragged, room for whole 128-key tiles (copied without resolving rows).
+  // 40 pages: 320 rows ragged, room for whole 128-key tiles (copied without resolving
+  // rows); paged, a run of 32 consecutive pages (two such tiles) before bad entries.
   const int total_q = 5, heads = 4, kv_heads = 2, dim = 128, page = 8, pages = 40;
   std::vector<__nv_bfloat16> q(total_q * heads * dim, __float2bfloat16(0.5f));
   std::vector<__nv_bfloat16> kv(size_t(pages) * page * kv_heads * dim, __float2bfloat16(0.25f));
@@ -36,7 +37,10 @@ int main() {
       if (paged) {
         p.kv.page_size = page, p.kv.num_pages = pages;
         p.kv.stride_page = page * kv_heads * dim, p.kv.stride_slot = kv_heads * dim, p.kv.stride_head = dim;
-        p.kv.kv_indices = upload(std::vector<int>{3, 99, -1, 5, 6}), p.kv.num_kv_indices = 5;
+        std::vector<int> indices(pages);
+        for (int e = 0; e < pages; ++e) indices[e] = e;
+        indices[32] = 99, indices[33] = -1;
+        p.kv.kv_indices = upload(indices), p.kv.num_kv_indices = pages;
       } else {
         p.kv.page_size = 1, p.kv.num_pages = pages * page;  // rows of a ragged k, v
         p.kv.stride_page = kv_heads * dim, p.kv.stride_slot = 0, p.kv.stride_head = dim;
