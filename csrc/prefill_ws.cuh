@@ -226,14 +226,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (i == kPfItemFields) s_work[qb][i] = kv_head;
       const int num_tiles = done ? 0 : item.num_tiles(kKeys);
       if (num_tiles > 0) {
-        // Query rows (zeros past the valid rows).
+        // Query rows. Rows past the valid ones keep whatever the buffer held:
+        // each output row depends on its own query row alone, and only valid
+        // rows are written. (A decode-shaped work copies 4 rows, not 128.)
         T* s_q = q_buffer(qb);
         const int group = item.group, rows = item.rows;
-        for (int r = i / kChunks; r < kRows; r += kRowsPerPass) {
-          const int packed = item.row_begin + min(r, rows - 1);
+        for (int r = i / kChunks; r < rows; r += kRowsPerPass) {
+          const int packed = item.row_begin + r;
           const T* q = static_cast<const T*>(p.q) +
                        ((item.q_begin + packed / group) * p.num_qo_heads + kv_head * group + packed % group) * D;
-          cp_async_16(s_q + QLayout::at(r, chunk), q + chunk * 8, r < rows);
+          cp_async_16(s_q + QLayout::at(r, chunk), q + chunk * 8, true);
         }
         mbarrier_arrive_on_cp_async(&q_full[qb]);
       }
