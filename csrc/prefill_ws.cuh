@@ -183,32 +183,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     int claims = 0;  // also picks the claim's slot
     for (int j = 0;; ++j) {
       // Claim the next work with rows: thread 0 claims, the producers meet at
-      // named barrier 1 to read it. A CTA's first work is its own index; later
-      // ones come from the launch's counter (only when works outnumber CTAs:
-      // then the launcher zeroes it). Unused plan rows (request < 0) end the
-      // items: a claim of one ends the launch (heads-inner) or moves the
-      // counter to the next head.
+      // named barrier 1 to read the claim, then read its plan row. A CTA's
+      // first work is its own index; later ones come from the launch's counter
+      // (only when works outnumber CTAs: then the launcher zeroes it). An
+      // unused plan row (request < 0) ends the items: it ends the launch
+      // (heads-inner) or moves the counter to the next head. Its request is
+      // read with the rest of the row, after the claim is published, not
+      // before: one round trip fewer between two works (benchmarks/NOTES.md P84).
+      const int64_t ctas = gridDim.x;
       int64_t w = num_works;
       const int32_t* f = nullptr;
       PrefillItem item{};
       for (;;) {
         if (i == 0) {
-          const int64_t ctas = gridDim.x;
-          auto next = [&]() -> int64_t {
-            return num_works > ctas ? ctas + static_cast<int64_t>(atomicAdd(p.work_counter, 1ull)) : num_works;
-          };
-          int64_t claim = claims == 0 ? int64_t(blockIdx.x) : next();
-          while (claim < num_works && p.items[item_of(claim) * kPfItemFields + kPfRequest] < 0) {
-            if (p.heads_inner) {
-              claim = num_works;
-              break;
-            }
-            const int64_t head_end = (claim / num_items + 1) * num_items;
-            if (num_works > ctas && head_end > ctas) {
-              atomicMax(p.work_counter, static_cast<unsigned long long>(head_end - ctas));
-            }
-            claim = next();
-          }
+          const int64_t claim = claims == 0       ? int64_t(blockIdx.x)
+                                : num_works > ctas ? ctas + static_cast<int64_t>(atomicAdd(p.work_counter, 1ull))
+                                                   : num_works;
           s_claim[claims % 2] = min(claim, num_works);
         }
         asm volatile("bar.sync 1, %0;\n" ::"n"(kProducers) : "memory");
@@ -217,6 +207,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         f = p.items + item_of(w) * kPfItemFields;
         item = read_prefill_item(p, f, kRows);
         if (item.rows > 0) break;
+        if (f[kPfRequest] < 0) {  // an unused plan row
+          if (p.heads_inner) {
+            w = num_works;
+            break;
+          }
+          const int64_t head_end = (w / num_items + 1) * num_items;
+          if (i == 0 && num_works > ctas && head_end > ctas) {
+            atomicMax(p.work_counter, static_cast<unsigned long long>(head_end - ctas));
+          }
+        }
       }
       const int qb = j % kQBuffers;
       if (j >= kQBuffers) mbarrier_wait(&q_empty[qb], ((j / kQBuffers) - 1) & 1);
