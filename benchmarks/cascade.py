@@ -62,6 +62,15 @@ def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
             levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
             max_groups=[1, batch], max_pages=[num_pages, num_pages], kv_splits=[splits, 1]).levels[0])
         parts[f"level 0 with {splits} splits"] = time_per_call(prefill, [q, k, v, shared_plan])
+    # The one launch takes about its SM time over the SMs: fewer shared splits than fill
+    # the GPU alone leave SMs to the suffix's works beside them (NOTES P36).
+    cascade = lambda q, k, v, p: jaxinfer.cascade_attention(q, [(k, v), (k, v)], p,  # noqa: E731
+                                                             kv_layout=LAYOUT)
+    for splits in (3, 4, 5, 6, 7, 8):
+        fused_plan = jax.device_put(jaxinfer.plan_cascade(
+            levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
+            max_groups=[1, batch], max_pages=[num_pages, num_pages], kv_splits=[splits, 1]))
+        parts[f"one launch, shared level in {splits} splits"] = time_per_call(cascade, [q, k, v, fused_plan])
     for name, t in parts.items():
         print(f"    {name}: {t * 1e6:.0f} us", flush=True)
 
