@@ -34,6 +34,30 @@ def page_shape(num_pages):
     return (num_pages, PAGE, HKV, D) if LAYOUT == "NHD" else (num_pages, HKV, PAGE, D)
 
 
+def cascade_levels(prefix_pages, batch, suffix_pages):
+    """plan_cascade's two levels, one query a request: the shared prefix's pages first in the
+    pool, then each request's own suffix pages. Returns (levels, shared, own, last)."""
+    shared = np.arange(prefix_pages, dtype=np.int32)
+    own = prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32).reshape(batch, suffix_pages)
+    last = np.full(batch, PAGE, np.int32)
+    rows_q = np.arange(batch + 1, dtype=np.int32)
+    levels = [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
+               np.array([PAGE], np.int32)),
+              (rows_q, rows_q * suffix_pages, own.reshape(-1), last)]
+    return levels, shared, own, last
+
+
+def plan_cascade(levels, batch, num_pages, kv_splits=None):
+    return jaxinfer.plan_cascade(levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE,
+                                 max_q_tokens=batch, max_groups=[1, batch],
+                                 max_pages=[num_pages, num_pages], kv_splits=kv_splits)
+
+
+def one_launch(q, k, v, plan):
+    """cascade_attention with both levels in one pool (k, v)."""
+    return jaxinfer.cascade_attention(q, [(k, v), (k, v)], plan, kv_layout=LAYOUT)
+
+
 def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     """Times the cascade's parts alone (--breakdown): what a speed-up has to come from."""
     prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, kv_layout=LAYOUT,  # noqa: E731
@@ -57,20 +81,16 @@ def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     parts["suffix as batch_decode"] = time_per_call(
         lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT, return_lse=True),
         [q, k, v, suffix_plan])
+    def plan_with(splits):  # the shared level in `splits` KV splits
+        return jax.device_put(plan_cascade(levels, batch, num_pages, kv_splits=[splits, 1]))
+
     for splits in (4, 8, 16, 32):
-        shared_plan = jax.device_put(jaxinfer.plan_cascade(
-            levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
-            max_groups=[1, batch], max_pages=[num_pages, num_pages], kv_splits=[splits, 1]).levels[0])
-        parts[f"level 0 with {splits} splits"] = time_per_call(prefill, [q, k, v, shared_plan])
+        parts[f"level 0 with {splits} splits"] = time_per_call(prefill, [q, k, v, plan_with(splits).levels[0]])
     # The one launch takes about its SM time over the SMs: fewer shared splits than fill
     # the GPU alone leave SMs to the suffix's works beside them (NOTES P36).
-    cascade = lambda q, k, v, p: jaxinfer.cascade_attention(q, [(k, v), (k, v)], p,  # noqa: E731
-                                                             kv_layout=LAYOUT)
     for splits in (3, 4, 5, 6, 7, 8):
-        fused_plan = jax.device_put(jaxinfer.plan_cascade(
-            levels, num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
-            max_groups=[1, batch], max_pages=[num_pages, num_pages], kv_splits=[splits, 1]))
-        parts[f"one launch, shared level in {splits} splits"] = time_per_call(cascade, [q, k, v, fused_plan])
+        parts[f"one launch, shared level in {splits} splits"] = time_per_call(
+            one_launch, [q, k, v, plan_with(splits)])
     for name, t in parts.items():
         print(f"    {name}: {t * 1e6:.0f} us", flush=True)
 
@@ -105,30 +125,19 @@ def main():
         k = jax.random.normal(key, page_shape(num_pages), jnp.bfloat16)
         v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
         q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
-        shared = np.arange(prefix_pages, dtype=np.int32)
-        own = prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32).reshape(batch, suffix_pages)
+        levels, shared, own, last = cascade_levels(prefix_pages, batch, suffix_pages)
 
         flat_table = np.concatenate([np.broadcast_to(shared, (batch, prefix_pages)), own], axis=1)
         flat_indptr = np.arange(batch + 1, dtype=np.int32) * flat_table.shape[1]
-        last = np.full(batch, PAGE, np.int32)
         flat_plan = jax.device_put(jaxinfer.plan_decode(
             flat_indptr, flat_table.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
             max_batch=batch, max_pages=flat_table.size))
         t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT),
                                [q, k, v, flat_plan])
 
-        rows_q = np.arange(batch + 1, dtype=np.int32)
-        levels = [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32), shared,
-                   np.array([PAGE], np.int32)),
-                  (rows_q, rows_q * suffix_pages, own.reshape(-1), last)]
-        plan = jax.device_put(jaxinfer.plan_cascade(
-            levels,
-            num_qo_heads=HQ, num_kv_heads=HKV, page_size=PAGE, max_q_tokens=batch,
-            max_groups=[1, batch], max_pages=[num_pages, num_pages]))
-        cascade = lambda q, k, v, p: jaxinfer.cascade_attention(  # noqa: E731
-            q, [(k, v), (k, v)], p, kv_layout=LAYOUT)
-        t_cascade = time_per_call(cascade, [q, k, v, plan])
-        t_chained = time_per_call(cascade, [q, k, v, plan._replace(fused=None)])
+        plan = jax.device_put(plan_cascade(levels, batch, num_pages))
+        t_cascade = time_per_call(one_launch, [q, k, v, plan])
+        t_chained = time_per_call(one_launch, [q, k, v, plan._replace(fused=None)])
         row = [prefix, batch, suffix, f"{t_flat * 1e6:.0f} us", f"{t_cascade * 1e6:.0f} us",
                f"{t_flat / t_cascade:.1f}x", f"{t_chained * 1e6:.0f} us ({t_flat / t_chained:.1f}x)"]
         if args.breakdown:

@@ -10,11 +10,11 @@
 //     per tile resolve the key rows (page-table reads) and copy K and then V
 //     into a free stage: by TMA (csrc/tma.cuh) when no row is missing and the
 //     boxes line up (ragged K/V; pages of 32 to 128 keys from a page-aligned
-//     first key), else with cp.async, which zero-fills missing rows. (A
-//     ragged tile wholly inside its request and the cache skips resolving its
-//     rows: thread 0 copies it by TMA at once.) Each of a stage's K and V has
-//     its own full / empty barrier pair, so the next K loads as soon as the
-//     scores of the last one are done. setmaxnreg moves registers from this
+//     first key), else with cp.async, which zero-fills missing rows. (A tile
+//     wholly inside its request and the cache, ragged or on consecutive
+//     pages, skips resolving its rows: thread 0 copies it by TMA at once.)
+//     Each of a stage's K and V has its own full / empty barrier pair, so the
+//     next K loads as soon as the scores of the last one are done. setmaxnreg moves registers from this
 //     warpgroup (56 at D = 128) to the consumers (224): 384 threads start at
 //     168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per work, wait for its
