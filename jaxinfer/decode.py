@@ -180,9 +180,9 @@ def batch_decode(q, paged_kv_cache, plan: DecodePlan, *, kv_layout="NHD", sm_sca
         raise ValueError(f"implementation='ffi': the decode kernel takes head_dim in "
                          f"{KERNEL_HEAD_DIMS} and bfloat16/float16, got {head_dim}, {q.dtype}")
     if not (_ffi.use_ffi("decode", implementation) and kernel_ok):
-        cache = (k, v) if k is not v else k
-        return reference.paged_decode(q, cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
-                                      kv_layout=kv_layout, return_lse=return_lse, **options)
+        return reference.paged_decode(q, paged_kv_cache, plan.kv_indptr, plan.kv_indices,
+                                      plan.kv_last_page_len, kv_layout=kv_layout,
+                                      return_lse=return_lse, **options)
 
     batch, heads = q.shape[:2]
     items = plan.items.shape[0]

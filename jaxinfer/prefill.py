@@ -287,11 +287,11 @@ def batch_prefill(q, paged_kv_cache, plan: PrefillPlan, *, kv_layout="NHD", caus
                          "(use batch_prefill_ragged)")
     options = _options(dims, dims.dims["head_dim"], causal, sm_scale, logits_soft_cap, window_left,
                        alibi_slopes, rope, rope_scale, rope_theta)
-    cache = (k, v) if k is not v else k
 
     def reference_fn(**kw):
-        return reference.paged_attention(q, cache, plan.qo_indptr, plan.kv_indptr, plan.kv_indices,
-                                         plan.kv_last_page_len, kv_layout=kv_layout, **kw)
+        return reference.paged_attention(q, paged_kv_cache, plan.qo_indptr, plan.kv_indptr,
+                                         plan.kv_indices, plan.kv_last_page_len, kv_layout=kv_layout,
+                                         **kw)
 
     return _run(q, k, v, plan, kv_layout, custom_mask, merge_with, return_lse, implementation,
                 reference_fn, dims, options)

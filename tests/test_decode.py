@@ -199,6 +199,18 @@ def test_combined_cache_matches_separate():
     np.testing.assert_array_equal(np.asarray(separate, np.float32), np.asarray(combined, np.float32))
 
 
+def test_one_array_as_both_k_and_v():
+    """A (k, v) pair may hold one array twice: still a pair, not a combined cache."""
+    k, _ = random_cache(12, 8, 2, 64, jnp.bfloat16, "NHD")
+    kv_indptr, kv_indices, last = page_table([3, 40, 17], 8, 12)
+    plan = jaxinfer.plan_decode(kv_indptr, kv_indices, last, page_size=8, num_kv_heads=2,
+                                max_batch=3, max_pages=12)
+    q = jax.random.normal(jax.random.key(0), (3, 4, 64), jnp.bfloat16)
+    same = jaxinfer.batch_decode(q, (k, k), plan)
+    copied = jaxinfer.batch_decode(q, (k, k + 0), plan)
+    np.testing.assert_array_equal(np.asarray(same, np.float32), np.asarray(copied, np.float32))
+
+
 def test_bad_inputs_name_the_argument():
     k, v = random_cache(8, 4, 2, 64, jnp.bfloat16, "NHD")
     plan = jaxinfer.plan_decode([0, 1, 2], [0, 1], [1, 1], page_size=4, num_kv_heads=2,

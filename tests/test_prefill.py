@@ -218,6 +218,15 @@ def test_prefill_small_on_default_device():
         check(make_case([3, 12], [40, 12], head_dim=64, group=1, paged=paged, mask=True))
 
 
+def test_prefill_one_array_as_both_k_and_v():
+    """A (k, v) pair may hold one array twice: still a pair, not a combined cache."""
+    case = make_case([5, 3], [9, 20], head_dim=64, group=2, num_kv_heads=2, page_size=4)
+    k = case["cache"][0]
+    same = jaxinfer.batch_prefill(case["q"], (k, k), case["plan"], causal=True)
+    copied = jaxinfer.batch_prefill(case["q"], (k, k + 0), case["plan"], causal=True)
+    np.testing.assert_array_equal(np.asarray(same, np.float32), np.asarray(copied, np.float32))
+
+
 def test_prefill_variants_on_default_device():
     slopes = np.array([0.5, 0.25], np.float32)
     for options in [dict(logits_soft_cap=5.0, causal=True), dict(window_left=6, causal=True),
