@@ -8,7 +8,8 @@ Cascade: the prefix level runs every request's query against the prefix
 once, the suffix level per request: both levels as one launch (the pages
 live in one pool), and, for comparison, one after the other (the suffix
 level merging the prefix level's state as it writes). Reports time and the
-speed-up over flat.
+speed-up over flat, and how many of its KV splits the plan gave the shared
+level this step against the one launch with every split used.
 
 For the issue's two target rows also a flat decode where every request owns a
 copy of the prefix (a server without prefix sharing): then no page is in two
@@ -24,6 +25,7 @@ import numpy as np
 from common import parse_args, time_per_call, write_table
 
 import jaxinfer
+from jaxinfer.prefill import ITEM_REQUEST, ITEM_SPLIT, ITEM_SPLIT_BEGIN, ITEM_SPLIT_END
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 LAYOUT = "NHD"  # --kv-layout
@@ -56,6 +58,14 @@ def plan_cascade(levels, batch, num_pages, kv_splits=None):
 def one_launch(q, k, v, plan):
     """cascade_attention with both levels in one pool (k, v)."""
     return jaxinfer.cascade_attention(q, [(k, v), (k, v)], plan, kv_layout=LAYOUT)
+
+
+def shared_splits(plan):
+    """(static, used this step) KV splits of the shared level in the plan's one launch."""
+    static = plan.levels[0].kv_splits.shape[0]
+    items = plan.fused.items
+    shared = items[(items[:, ITEM_REQUEST] >= 0) & (items[:, ITEM_SPLIT] < static)]
+    return static, len(set(shared[shared[:, ITEM_SPLIT_END] > shared[:, ITEM_SPLIT_BEGIN], ITEM_SPLIT]))
 
 
 def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
@@ -135,11 +145,18 @@ def main():
         t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT),
                                [q, k, v, flat_plan])
 
-        plan = jax.device_put(plan_cascade(levels, batch, num_pages))
+        host_plan = plan_cascade(levels, batch, num_pages)
+        splits, used = shared_splits(host_plan)
+        plan = jax.device_put(host_plan)
         t_cascade = time_per_call(one_launch, [q, k, v, plan])
+        # The one launch with every static split used (the plan's balance off).
+        t_filled = time_per_call(one_launch, [q, k, v, jax.device_put(
+            plan_cascade(levels, batch, num_pages, kv_splits=[splits, 1]))])
         t_chained = time_per_call(one_launch, [q, k, v, plan._replace(fused=None)])
         row = [prefix, batch, suffix, f"{t_flat * 1e6:.0f} us", f"{t_cascade * 1e6:.0f} us",
-               f"{t_flat / t_cascade:.1f}x", f"{t_chained * 1e6:.0f} us ({t_flat / t_chained:.1f}x)"]
+               f"{t_flat / t_cascade:.1f}x", f"{used} of {splits}",
+               f"{t_filled * 1e6:.0f} us ({t_flat / t_filled:.1f}x)",
+               f"{t_chained * 1e6:.0f} us ({t_flat / t_chained:.1f}x)"]
         if args.breakdown:
             breakdown(q, k, v, plan, levels, batch, own, last, num_pages)
         del k, v  # room for the copies below
@@ -155,7 +172,7 @@ def main():
                 f"Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16, {LAYOUT})",
                 "bash scripts/gpu_check.sh",
                 ["shared prefix", "batch", "suffix", "flat batch_decode", "cascade_attention", "speed-up",
-                 "levels one after another", "flat, prefix copied per request (speed-up)"],
+                 "shared splits used", "every split used", "levels one after another", "flat, prefix copied per request (speed-up)"],
                 rows)
 
 

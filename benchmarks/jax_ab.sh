@@ -13,6 +13,7 @@ set -u
 bench=$1
 shift
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site  # the build finds the CUTLASS headers through it
 n=0
 for tree in "$@"; do
   n=$((n + 1))

@@ -25,8 +25,10 @@ as a serving system keeps its pages) and an upper level is cut into KV splits
 (few queries over long shared keys: decode), all levels run as ONE launch of
 the prefill kernel instead: every level's work items in one list, heaviest
 first, each writing the partial state of its level's splits, merged once at
-the end. The short per-request items then fill the GPU as the long shared
-ones end, and the levels pay one start-up and one merge between them.
+the end. Each step the plan gives the long shared items only the share of
+the SMs that their share of the work asks for, so the short per-request items
+run beside them from the start and all end together; the levels pay one
+start-up and one merge between them.
 
 Only the last level knows positions (its queries are the last positions of
 its keys): ``causal`` applies there, the upper levels are fully visible, and
@@ -82,14 +84,16 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
       num_qo_heads, num_kv_heads, page_size: of q and the caches (the same at every level).
       max_q_tokens: static rows of q; max_groups, max_pages: static capacities per level.
       kv_splits: static KV splits per level (see plan_prefill); default: shared_kv_splits
-        for every level but the last, 1 for the last (one group per request).
+        for every level but the last, 1 for the last (one group per request), of which
+        the one launch uses as many as balanced_splits finds for this step's lengths.
     """
     if not levels:
         raise ValueError("levels: expected at least one level")
     if len(max_groups) != len(levels) or len(max_pages) != len(levels):
         raise ValueError(f"max_groups, max_pages: expected one capacity per level ({len(levels)}), "
                          f"got {len(max_groups)} and {len(max_pages)}")
-    if kv_splits is None:
+    default_splits = kv_splits is None
+    if default_splits:
         shared = shared_kv_splits(max_q_tokens, num_qo_heads, num_kv_heads)
         kv_splits = [shared] * (len(levels) - 1) + [1]
     plans, rows = [], None
@@ -109,15 +113,63 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
     # One launch needs a partial state per level's split for every query row; an
     # upper level with splits has that workspace already.
     split = any(plan.kv_splits.shape[0] > 1 for plan in plans[:-1])
-    return CascadePlan(tuple(plans), _fuse(plans) if split else None)
+    return CascadePlan(tuple(plans), _fuse(plans, num_kv_heads, balance=default_splits)
+                       if split else None)
 
 
-def _fuse(plans) -> FusedLevels:
+# The one launch's cost model, in tiles of 128 query rows x 128 keys: a work of the last
+# level (few query rows: decode) costs about 1.5 tiles to start and end and 1.2 a tile of
+# keys (per-work stamps, benchmarks/NOTES.md P71, P82, P86).
+KV_TILE = 128
+SHORT_WORK_START, SHORT_WORK_TILE = 1.5, 1.2
+
+
+def balanced_splits(upper, last, num_kv_heads: int, num_sms: int = H100_SMS) -> int:
+    """How many KV splits the upper levels' works use in the one launch this step.
+
+    The launch takes about the SM time of all its works over the SMs. The upper levels'
+    works are few and long, so they should end by then and no later: they take the
+    share of the SMs that their share of the SM time asks for, and the last level's
+    short works run on the other SMs from the start (their memory traffic then overlaps
+    the shared works' tensor-core time; measured 5-7% faster than filling the GPU with
+    shared works first, NOTES P86). upper: the upper levels' items (all splits); last:
+    the last level's items."""
+    tile_rows = sum(int(np.count_nonzero(items[:, ITEM_SPLIT] == 0)) for items in upper)
+    shared = sum(int((-(-items[items[:, ITEM_SPLIT] == 0, ITEM_KV_LEN] // KV_TILE)).sum())
+                 for items in upper)
+    if shared == 0:
+        return 1
+    keys = np.minimum(last[:, ITEM_SPLIT_END], last[:, ITEM_KV_LEN]) - last[:, ITEM_SPLIT_BEGIN]
+    short = float((SHORT_WORK_START + SHORT_WORK_TILE * -(-keys.clip(0) // KV_TILE)).sum())
+    return max(1, -(-num_sms * shared // int(tile_rows * num_kv_heads * (shared + short))))
+
+
+def _slice(items, used):
+    """Re-cuts an upper level's items into `used` slices of each tile's keys (the same
+    64-key rounding as the planner); its other splits get empty slices, whose works write
+    the empty state the merge expects."""
+    length = items[:, ITEM_KV_LEN].astype(np.int64)
+
+    def bound(c):
+        return np.where(c >= used, length, (length * c // used + 63) // 64 * 64)
+
+    split = items[:, ITEM_SPLIT].astype(np.int64)
+    items[:, ITEM_SPLIT_BEGIN] = bound(split)
+    items[:, ITEM_SPLIT_END] = bound(split + 1)
+
+
+def _fuse(plans, num_kv_heads: int, balance: bool) -> FusedLevels:
     """The levels' items as one list: level l's splits, page table entries and
-    positions moved past those of the levels before it."""
+    positions moved past those of the levels before it. balance: the upper levels
+    use only as many of their splits as balanced_splits finds for this step."""
+    used_items = [plan.items[plan.items[:, ITEM_REQUEST] >= 0] for plan in plans]
+    if balance:
+        used = balanced_splits(used_items[:-1], used_items[-1], num_kv_heads)
+        for items, plan in zip(used_items[:-1], plans):
+            if used < plan.kv_splits.shape[0]:
+                _slice(items, used)
     lists, splits, pages = [], 0, 0
-    for i, plan in enumerate(plans):
-        items = plan.items[plan.items[:, ITEM_REQUEST] >= 0]
+    for i, (plan, items) in enumerate(zip(plans, used_items)):
         items[:, ITEM_SPLIT] += splits
         items[:, ITEM_KV_BEGIN] += pages
         items[:, ITEM_KV_END] += pages

@@ -12,8 +12,8 @@ from test_decode import page_table, poison_allocator, random_cache
 
 import jaxinfer
 from jaxinfer import reference
-from jaxinfer.prefill import (ITEM_KV_BEGIN, ITEM_REQUEST, ITEM_SPLIT, ITEM_SPLIT_BEGIN,
-                              ITEM_SPLIT_END, TILE_ROWS)
+from jaxinfer.prefill import (ITEM_KV_BEGIN, ITEM_REQUEST, ITEM_ROW_BEGIN, ITEM_SPLIT,
+                              ITEM_SPLIT_BEGIN, ITEM_SPLIT_END, TILE_ROWS)
 
 RNG = np.random.default_rng()
 PAGE = 16
@@ -137,6 +137,41 @@ def test_one_pool_and_split_upper_level_plan_one_launch():
     suffix_items = used[used[:, ITEM_SPLIT] == splits]
     assert suffix_items.shape[0] == int((own.items[:, ITEM_REQUEST] >= 0).sum())
     assert (suffix_items[:, ITEM_KV_BEGIN] >= shared.kv_indices.shape[0]).all()  # own pages after
+
+
+def decode_levels(prefix_pages, batch, suffix_pages):
+    """A shared prefix and one suffix per request, one query each, pages in one pool."""
+    rows = np.arange(batch + 1, dtype=np.int32)
+    return [(np.array([0, batch], np.int32), np.array([0, prefix_pages], np.int32),
+             np.arange(prefix_pages, dtype=np.int32), np.array([PAGE], np.int32)),
+            (rows, rows * suffix_pages,
+             prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32), np.full(batch, PAGE, np.int32))]
+
+
+@pytest.mark.parametrize("batch, suffix, splits, used", [(64, 512, 8, 5), (128, 256, 4, 3),
+                                                         (16, 16, 16, 15)])
+def test_one_launch_balances_shared_splits(batch, suffix, splits, used):
+    """The shared level's works take the SMs their share of the launch's work asks for
+    (issue 6's target rows: 5 of 8 and 3 of 4 splits; nearly all with short suffixes);
+    the splits left over get empty slices, and each tile's slices cover its keys once."""
+    prefix_pages, suffix_pages = 32768 // PAGE, suffix // PAGE
+    pages = prefix_pages + batch * suffix_pages
+    levels = decode_levels(prefix_pages, batch, suffix_pages)
+    kw = dict(num_qo_heads=32, num_kv_heads=8, page_size=PAGE, max_q_tokens=batch,
+              max_groups=[1, batch], max_pages=[pages, pages])
+    for plan, expect in ((jaxinfer.plan_cascade(levels, **kw), used),
+                         (jaxinfer.plan_cascade(levels, kv_splits=[splits, 1], **kw), splits)):
+        assert plan.levels[0].kv_splits.shape[0] == splits
+        items = plan.fused.items
+        shared = items[(items[:, ITEM_REQUEST] >= 0) & (items[:, ITEM_SPLIT] < splits)]
+        nonempty = shared[shared[:, ITEM_SPLIT_END] > shared[:, ITEM_SPLIT_BEGIN]]
+        assert set(nonempty[:, ITEM_SPLIT]) == set(range(expect))
+        for row in set(shared[:, ITEM_ROW_BEGIN]):
+            slices = shared[shared[:, ITEM_ROW_BEGIN] == row]
+            slices = slices[np.argsort(slices[:, ITEM_SPLIT])]
+            assert slices.shape[0] == splits and slices[0, ITEM_SPLIT_BEGIN] == 0
+            np.testing.assert_array_equal(slices[1:, ITEM_SPLIT_BEGIN], slices[:-1, ITEM_SPLIT_END])
+            assert slices[-1, ITEM_SPLIT_END] == 32768
 
 
 def run_items(q, pool, kv_indices, items, splits, group, causal):
