@@ -117,31 +117,51 @@ def plan_cascade(levels: Sequence, *, num_qo_heads: int, num_kv_heads: int, page
                        if split else None)
 
 
-# The one launch's cost model, in tiles of 128 query rows x 128 keys: a work of the last
-# level (few query rows: decode) costs about 1.5 tiles to start and end and 1.2 a tile of
-# keys (per-work stamps, benchmarks/NOTES.md P71, P82, P86).
+# The one launch's cost model, in tiles of 128 query rows x 128 keys (per-work stamps,
+# benchmarks/NOTES.md P56, P71, P82): a work costs about 1.5 tiles to start and end; a
+# tile of a short work (few query rows: decode) about 1.2, and 1.27 times that when
+# every SM runs short works at once (they then share the DRAM: P77 measured 18.3
+# against 23.3 GB/s per SM with up to 52 SMs).
 KV_TILE = 128
-SHORT_WORK_START, SHORT_WORK_TILE = 1.5, 1.2
+WORK_START, SHORT_WORK_TILE, CROWDED = 1.5, 1.2, 1.27
+MARGIN = 0.05
 
 
-def balanced_splits(upper, last, num_kv_heads: int, num_sms: int = H100_SMS) -> int:
-    """How many KV splits the upper levels' works use in the one launch this step.
+def balanced_splits(upper, last, num_kv_heads: int, max_splits: int,
+                    num_sms: int = H100_SMS) -> int:
+    """How many of their max_splits KV splits the upper levels' works use in the one
+    launch this step (benchmarks/NOTES.md P86).
 
-    The launch takes about the SM time of all its works over the SMs. The upper levels'
-    works are few and long, so they should end by then and no later: they take the
-    share of the SMs that their share of the SM time asks for, and the last level's
-    short works run on the other SMs from the start (their memory traffic then overlaps
-    the shared works' tensor-core time; measured 5-7% faster than filling the GPU with
-    shared works first, NOTES P86). upper: the upper levels' items (all splits); last:
-    the last level's items."""
-    tile_rows = sum(int(np.count_nonzero(items[:, ITEM_SPLIT] == 0)) for items in upper)
-    shared = sum(int((-(-items[items[:, ITEM_SPLIT] == 0, ITEM_KV_LEN] // KV_TILE)).sum())
-                 for items in upper)
-    if shared == 0:
-        return 1
+    Filling the GPU with shared works first leaves the last level's short works to
+    run all at once at the end, crowding the DRAM. With fewer, longer shared works the
+    other SMs run short works from the start, their memory traffic beside the shared
+    works' tensor-core time. Too few, and the shared works end last. The choice is the
+    split count of the least estimated time: short works run on the SMs the shared
+    works leave until those end, the rest then on every SM, crowded.
+    upper: the upper levels' items (every split); last: the last level's items."""
+    first = [items[items[:, ITEM_SPLIT] == 0] for items in upper]
+    tile_rows = sum(items.shape[0] for items in first) * num_kv_heads
+    longest = max((int(items[:, ITEM_KV_LEN].max(initial=0)) for items in first), default=0)
     keys = np.minimum(last[:, ITEM_SPLIT_END], last[:, ITEM_KV_LEN]) - last[:, ITEM_SPLIT_BEGIN]
-    short = float((SHORT_WORK_START + SHORT_WORK_TILE * -(-keys.clip(0) // KV_TILE)).sum())
-    return max(1, -(-num_sms * shared // int(tile_rows * num_kv_heads * (shared + short))))
+    short_works = last.shape[0] * num_kv_heads
+    if longest == 0 or short_works == 0:
+        return max_splits
+    short = WORK_START + SHORT_WORK_TILE * float(np.mean(-(-keys.clip(0) // KV_TILE)))
+
+    def estimate(splits):
+        shared_works = tile_rows * splits
+        shared = WORK_START + longest / KV_TILE / splits
+        if shared_works >= num_sms:  # no SM left beside them
+            return -(-shared_works // num_sms) * shared + -(-short_works // num_sms) * short * CROWDED
+        beside = (num_sms - shared_works) * int(shared // short)
+        if beside >= short_works:
+            return max(shared, -(-short_works // (num_sms - shared_works)) * short)
+        return shared + -(-(short_works - beside) // num_sms) * short * CROWDED
+
+    # The model is rough (its rounding moves it a few percent either way): fewer splits
+    # must gain more than MARGIN to be taken.
+    best = min(range(1, max_splits + 1), key=estimate)
+    return best if estimate(best) < (1 - MARGIN) * estimate(max_splits) else max_splits
 
 
 def _slice(items, used):
@@ -164,7 +184,8 @@ def _fuse(plans, num_kv_heads: int, balance: bool) -> FusedLevels:
     use only as many of their splits as balanced_splits finds for this step."""
     used_items = [plan.items[plan.items[:, ITEM_REQUEST] >= 0] for plan in plans]
     if balance:
-        used = balanced_splits(used_items[:-1], used_items[-1], num_kv_heads)
+        used = balanced_splits(used_items[:-1], used_items[-1], num_kv_heads,
+                               max(plan.kv_splits.shape[0] for plan in plans[:-1]))
         for items, plan in zip(used_items[:-1], plans):
             if used < plan.kv_splits.shape[0]:
                 _slice(items, used)

