@@ -68,6 +68,19 @@ def shared_splits(plan):
     return static, len(set(shared[shared[:, ITEM_SPLIT_END] > shared[:, ITEM_SPLIT_BEGIN], ITEM_SPLIT]))
 
 
+def plan_flat(shared, own, last):
+    """batch_decode's plan over each request's whole page list: the shared pages, then its own."""
+    batch = own.shape[0]
+    table = np.concatenate([np.broadcast_to(shared, (batch, shared.shape[0])), own], axis=1)
+    indptr = np.arange(batch + 1, dtype=np.int32) * table.shape[1]
+    return jax.device_put(jaxinfer.plan_decode(indptr, table.reshape(-1), last, page_size=PAGE,
+                                               num_kv_heads=HKV, max_batch=batch, max_pages=table.size))
+
+
+def flat_decode(q, k, v, plan):
+    return jaxinfer.batch_decode(q, (k, v), plan, kv_layout=LAYOUT)
+
+
 def breakdown(q, k, v, plan, levels, batch, own, last, num_pages):
     """Times the cascade's parts alone (--breakdown): what a speed-up has to come from."""
     prefill = lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, kv_layout=LAYOUT,  # noqa: E731
@@ -137,13 +150,7 @@ def main():
         q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
         levels, shared, own, last = cascade_levels(prefix_pages, batch, suffix_pages)
 
-        flat_table = np.concatenate([np.broadcast_to(shared, (batch, prefix_pages)), own], axis=1)
-        flat_indptr = np.arange(batch + 1, dtype=np.int32) * flat_table.shape[1]
-        flat_plan = jax.device_put(jaxinfer.plan_decode(
-            flat_indptr, flat_table.reshape(-1), last, page_size=PAGE, num_kv_heads=HKV,
-            max_batch=batch, max_pages=flat_table.size))
-        t_flat = time_per_call(lambda q, k, v, p: jaxinfer.batch_decode(q, (k, v), p, kv_layout=LAYOUT),
-                               [q, k, v, flat_plan])
+        t_flat = time_per_call(flat_decode, [q, k, v, plan_flat(shared, own, last)])
 
         host_plan = plan_cascade(levels, batch, num_pages)
         splits, used = shared_splits(host_plan)

@@ -2,7 +2,8 @@
 the counts interleaved over rounds so that the card's drift between timings shows
 as spread within a count, not as a difference between counts (one timing each,
 as cascade.py's table takes them, moved by about 5% between runs), and the
-plan's own choice (jaxinfer.cascade.balanced_splits: the static count, fewer used).
+plan's own choice (jaxinfer.cascade.balanced_splits: the static count, fewer used),
+and flat batch_decode of the same requests for the speed-ups.
 
     cd benchmarks && python3 cascade_splits.py [--rounds 4]
 """
@@ -12,7 +13,8 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-from cascade import HQ, PAGE, cascade_levels, one_launch, page_shape, plan_cascade, shared_splits
+from cascade import (HQ, PAGE, cascade_levels, flat_decode, one_launch, page_shape, plan_cascade,
+                     plan_flat, shared_splits)
 from common import time_per_call
 
 
@@ -27,19 +29,23 @@ def main():
         k = jax.random.normal(key, page_shape(num_pages), jnp.bfloat16)
         v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
         q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, k.shape[-1]), jnp.bfloat16)
-        levels = cascade_levels(prefix_pages, batch, suffix_pages)[0]
+        levels, shared, own, last = cascade_levels(prefix_pages, batch, suffix_pages)
         default = plan_cascade(levels, batch, num_pages)
         static, chosen = shared_splits(default)
         plans = {f"{n} splits": jax.device_put(plan_cascade(levels, batch, num_pages, kv_splits=[n, 1]))
                  for n in range(max(2, static // 2), static + 1)}
         plans[f"the plan's, {chosen} of {static}"] = jax.device_put(default)
-        times = {n: [] for n in plans}
+        calls = {name: (one_launch, plan) for name, plan in plans.items()}
+        calls["flat batch_decode"] = (flat_decode, plan_flat(shared, own, last))
+        times = {name: [] for name in calls}
         for _ in range(args.rounds):
-            for n, plan in plans.items():
-                times[n].append(time_per_call(one_launch, [q, k, v, plan]) * 1e6)
+            for name, (fn, plan) in calls.items():
+                times[name].append(time_per_call(fn, [q, k, v, plan]) * 1e6)
+        flat = statistics.median(times["flat batch_decode"])
         print(f"prefix {prefix}, batch {batch}, suffix {suffix}: us per call, {args.rounds} rounds")
         for name, ts in times.items():
-            print(f"  {name}: median {statistics.median(ts):.0f}  ({' '.join(f'{t:.0f}' for t in ts)})",
+            median = statistics.median(ts)
+            print(f"  {name}: median {median:.0f} ({flat / median:.1f}x)  ({' '.join(f'{t:.0f}' for t in ts)})",
                   flush=True)
         del k, v
 
