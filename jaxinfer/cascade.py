@@ -139,7 +139,9 @@ def balanced_splits(upper, last, num_kv_heads: int, max_splits: int,
     split count of the least estimated time: short works run on the SMs the shared
     works leave until those end, the rest then on every SM, crowded.
     upper: the upper levels' items (every split); last: the last level's items."""
-    first = [items[items[:, ITEM_SPLIT] == 0] for items in upper]
+    # One item per tile of query rows: its first split (rows with no keys, such as q's
+    # padding, have empty works in every split: not counted).
+    first = [items[(items[:, ITEM_SPLIT] == 0) & (items[:, ITEM_KV_LEN] > 0)] for items in upper]
     tile_rows = sum(items.shape[0] for items in first) * num_kv_heads
     longest = max((int(items[:, ITEM_KV_LEN].max(initial=0)) for items in first), default=0)
     keys = np.minimum(last[:, ITEM_SPLIT_END], last[:, ITEM_KV_LEN]) - last[:, ITEM_SPLIT_BEGIN]
