@@ -205,14 +205,22 @@ def run_items(q, pool, kv_indices, items, splits, group, causal):
     return (w[..., None] * out).sum(1) / np.maximum(w.sum(1), 1e-30)[..., None]
 
 
+@pytest.mark.parametrize("used", [None, 3])
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_launch_items_equal_flat_attention(causal):
+def test_one_launch_items_equal_flat_attention(causal, used, monkeypatch):
     """The fused work list on the CPU, read as the kernel reads it: three levels, a short
-    shared level whose last slices pass its length, empty groups, several queries each."""
+    shared level whose last slices pass its length, empty groups, several queries each;
+    with the plan's own split count, and with the upper levels re-cut into 3 slices."""
+    if used is not None:
+        monkeypatch.setattr(jaxinfer.cascade, "balanced_splits", lambda *args: used)
     q_lens = [1, 3, 2, 1, 2]
     case = make_cascade(q_lens, [[[0, 1, 2, 3, 4]], [[0, 1], [2, 3, 4]], [[0], [1], [2], [3], [4]]],
                         [[70], [33, 0], [4, 9, 2, 20, 7]], group=4, head_dim=64, one_pool=True)
     fused = case["plan"].fused
+    if used is not None:
+        static = case["plan"].levels[0].kv_splits.shape[0]
+        upper = fused.items[(fused.items[:, ITEM_REQUEST] >= 0) & (fused.items[:, ITEM_SPLIT] < static)]
+        assert set(upper[upper[:, ITEM_SPLIT_END] > upper[:, ITEM_SPLIT_BEGIN], ITEM_SPLIT]) <= {0, 1, 2}
     got = run_items(case["q"], case["caches"][0], fused.kv_indices, fused.items,
                     fused.kv_splits.shape[0], 4, causal)
     assert_close(got, flat_reference(case, causal), case["q"].dtype)
@@ -274,6 +282,19 @@ def test_gpu_long_shared_prefix(group, one_pool):
     case = make_cascade(q_lens, [[list(range(7))], [[i] for i in range(7)]], [[32768], suffix],
                         group=group, one_pool=one_pool)
     check(case, causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("used", [1, 5])
+def test_gpu_one_launch_with_fewer_shared_splits(used, monkeypatch):
+    """The one launch with the shared level re-cut into fewer slices than its static
+    splits (as balanced_splits chooses when the suffixes are long), the rest empty."""
+    monkeypatch.setattr(jaxinfer.cascade, "balanced_splits", lambda *args: used)
+    q_lens = [1] * 6 + [3]
+    suffix = [1, 0, 16, 17, 300, 5, 64]
+    case = make_cascade(q_lens, [[list(range(7))], [[i] for i in range(7)]], [[32768], suffix],
+                        group=4, one_pool=True)
+    check(case, causal=True)
 
 
 @pytest.mark.gpu
