@@ -130,7 +130,7 @@ MARGIN = 0.05
 def balanced_splits(upper, last, num_kv_heads: int, max_splits: int,
                     num_sms: int = H100_SMS) -> int:
     """How many of their max_splits KV splits the upper levels' works use in the one
-    launch this step (benchmarks/NOTES.md P86).
+    launch this step (benchmarks/NOTES.md P86, P87).
 
     Filling the GPU with shared works first leaves the last level's short works to
     run all at once at the end, crowding the DRAM. With fewer, longer shared works the
