@@ -29,6 +29,7 @@ from jaxinfer.prefill import ITEM_REQUEST, ITEM_SPLIT, ITEM_SPLIT_BEGIN, ITEM_SP
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 LAYOUT = "NHD"  # --kv-layout
+TARGETS = [(32768, 128, 256), (32768, 64, 512)]  # issue 6's two rows: prefix, batch, suffix
 
 
 def page_shape(num_pages):
@@ -47,6 +48,16 @@ def cascade_levels(prefix_pages, batch, suffix_pages):
                np.array([PAGE], np.int32)),
               (rows_q, rows_q * suffix_pages, own.reshape(-1), last)]
     return levels, shared, own, last
+
+
+def random_inputs(prefix, batch, suffix):
+    """One case's q [batch, HQ, D] and page pool k, v: the prefix's pages, then each request's
+    suffix pages (cascade_levels' order). Returns (q, k, v, key)."""
+    key = jax.random.key(prefix + batch + suffix)
+    k = jax.random.normal(key, page_shape(prefix // PAGE + batch * (suffix // PAGE)), jnp.bfloat16)
+    v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
+    q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
+    return q, k, v, key
 
 
 def plan_cascade(levels, batch, num_pages, kv_splits=None):
@@ -136,18 +147,14 @@ def main():
     args = parse_args(__doc__)
     LAYOUT = args.kv_layout
     cases = [(p, b, s) for p in (8192, 32768) for b in (16, 64, 256) for s in (128, 1024)]
-    targets = [(32768, 128, 256), (32768, 64, 512)]  # the issue's two
-    cases += targets
+    cases += TARGETS
     if args.quick or args.breakdown:
         cases = cases[-2:]
     rows = []
     for prefix, batch, suffix in cases:
         prefix_pages, suffix_pages = prefix // PAGE, suffix // PAGE
-        num_pages = prefix_pages + batch * suffix_pages
-        key = jax.random.key(prefix + batch + suffix)
-        k = jax.random.normal(key, page_shape(num_pages), jnp.bfloat16)
-        v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
-        q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, D), jnp.bfloat16)
+        q, k, v, key = random_inputs(prefix, batch, suffix)
+        num_pages = k.shape[0]
         levels, shared, own, last = cascade_levels(prefix_pages, batch, suffix_pages)
 
         t_flat = time_per_call(flat_decode, [q, k, v, plan_flat(shared, own, last)])
@@ -167,7 +174,7 @@ def main():
         if args.breakdown:
             breakdown(q, k, v, plan, levels, batch, own, last, num_pages)
         del k, v  # room for the copies below
-        if (prefix, batch, suffix) in targets:
+        if (prefix, batch, suffix) in TARGETS:
             t_private = flat_private_prefix(q, batch, prefix_pages + suffix_pages, key)
             row.append(f"{t_private * 1e6:.0f} us ({t_private / t_cascade:.1f}x)")
         else:
@@ -179,7 +186,8 @@ def main():
                 f"Cascade vs flat paged decode (bf16, 32/8 heads, D=128, page 16, {LAYOUT})",
                 "bash scripts/gpu_check.sh",
                 ["shared prefix", "batch", "suffix", "flat batch_decode", "cascade_attention", "speed-up",
-                 "shared splits used", "every split used", "levels one after another", "flat, prefix copied per request (speed-up)"],
+                 "shared splits used", "every split used", "levels one after another",
+                 "flat, prefix copied per request (speed-up)"],
                 rows)
 
 

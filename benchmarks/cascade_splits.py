@@ -12,9 +12,8 @@ import argparse
 import statistics
 
 import jax
-import jax.numpy as jnp
-from cascade import (HQ, PAGE, cascade_levels, flat_decode, one_launch, page_shape, plan_cascade,
-                     plan_flat, shared_splits)
+from cascade import (PAGE, TARGETS, cascade_levels, flat_decode, one_launch, plan_cascade,
+                     plan_flat, random_inputs, shared_splits)
 from common import time_per_call
 
 
@@ -22,14 +21,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    for prefix, batch, suffix in [(32768, 128, 256), (32768, 64, 512)]:
-        prefix_pages, suffix_pages = prefix // PAGE, suffix // PAGE
-        num_pages = prefix_pages + batch * suffix_pages
-        key = jax.random.key(prefix + batch + suffix)
-        k = jax.random.normal(key, page_shape(num_pages), jnp.bfloat16)
-        v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, jnp.bfloat16)
-        q = jax.random.normal(jax.random.fold_in(key, 2), (batch, HQ, k.shape[-1]), jnp.bfloat16)
-        levels, shared, own, last = cascade_levels(prefix_pages, batch, suffix_pages)
+    for prefix, batch, suffix in TARGETS:
+        q, k, v, _ = random_inputs(prefix, batch, suffix)
+        num_pages = k.shape[0]
+        levels, shared, own, last = cascade_levels(prefix // PAGE, batch, suffix // PAGE)
         default = plan_cascade(levels, batch, num_pages)
         static, chosen = shared_splits(default)
         plans = {f"{n} splits": jax.device_put(plan_cascade(levels, batch, num_pages, kv_splits=[n, 1]))
@@ -45,7 +40,8 @@ def main():
         print(f"prefix {prefix}, batch {batch}, suffix {suffix}: us per call, {args.rounds} rounds")
         for name, ts in times.items():
             median = statistics.median(ts)
-            print(f"  {name}: median {median:.0f} ({flat / median:.1f}x)  ({' '.join(f'{t:.0f}' for t in ts)})",
+            rounds = " ".join(f"{t:.0f}" for t in ts)
+            print(f"  {name}: median {median:.0f} ({flat / median:.1f}x)  ({rounds})",
                   flush=True)
         del k, v
 

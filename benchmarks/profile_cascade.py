@@ -9,18 +9,14 @@ Compute on the GPU machine: the fused launch once, then the suffix level alone o
 import sys
 
 import jax
-import jax.numpy as jnp
-from cascade import HKV, HQ, PAGE, cascade_levels, one_launch, page_shape, plan_cascade
+from cascade import HKV, PAGE, cascade_levels, one_launch, plan_cascade, random_inputs
 
 import jaxinfer
 
 prefix, batch, suffix = (int(a) for a in sys.argv[1:4])
-prefix_pages, suffix_pages = prefix // PAGE, suffix // PAGE
-num_pages = prefix_pages + batch * suffix_pages
-k = jax.random.normal(jax.random.key(0), page_shape(num_pages), jnp.bfloat16)
-v = jax.random.normal(jax.random.key(1), k.shape, jnp.bfloat16)
-q = jax.random.normal(jax.random.key(2), (batch, HQ, k.shape[-1]), jnp.bfloat16)
-plan = jax.device_put(plan_cascade(cascade_levels(prefix_pages, batch, suffix_pages)[0], batch, num_pages))
+q, k, v, _ = random_inputs(prefix, batch, suffix)
+levels = cascade_levels(prefix // PAGE, batch, suffix // PAGE)[0]
+plan = jax.device_put(plan_cascade(levels, batch, k.shape[0]))
 suffix_level = jax.jit(lambda q, k, v, p: jaxinfer.batch_prefill(q, (k, v), p, causal=True))
 jax.block_until_ready(jax.jit(one_launch)(q, k, v, plan))
 jax.block_until_ready(suffix_level(q, k, v, plan.levels[1]))

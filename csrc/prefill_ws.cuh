@@ -14,9 +14,9 @@
 //     wholly inside its request and the cache, ragged or on consecutive
 //     pages, skips resolving its rows: thread 0 copies it by TMA at once.)
 //     Each of a stage's K and V has its own full / empty barrier pair, so the
-//     next K loads as soon as the scores of the last one are done. setmaxnreg moves registers from this
-//     warpgroup (56 at D = 128) to the consumers (224): 384 threads start at
-//     168 each.
+//     next K loads as soon as the scores of the last one are done. setmaxnreg
+//     moves registers from this warpgroup (56 at D = 128) to the consumers
+//     (224): 384 threads start at 168 each.
 //   warps 0-7 (two consumer warpgroups of 64 rows): per work, wait for its
 //     queries; per tile, wait for K, S = Q K^T, variant and softmax, release
 //     K, wait for V, O += P V, release V; then release the queries and write
