@@ -148,6 +148,15 @@ def decode_levels(prefix_pages, batch, suffix_pages):
              prefix_pages + np.arange(batch * suffix_pages, dtype=np.int32), np.full(batch, PAGE, np.int32))]
 
 
+def upper_items(plan):
+    """The fused list's used items of the upper levels (their splits come first), and the
+    splits among them with a non-empty slice of keys."""
+    items = plan.fused.items
+    static = plan.levels[0].kv_splits.shape[0]
+    upper = items[(items[:, ITEM_REQUEST] >= 0) & (items[:, ITEM_SPLIT] < static)]
+    return upper, set(upper[upper[:, ITEM_SPLIT_END] > upper[:, ITEM_SPLIT_BEGIN], ITEM_SPLIT])
+
+
 @pytest.mark.parametrize("batch, suffix, splits, used", [(64, 512, 8, 6), (128, 256, 4, 3),
                                                          (16, 1024, 16, 16)])
 def test_one_launch_balances_shared_splits(batch, suffix, splits, used):
@@ -163,10 +172,8 @@ def test_one_launch_balances_shared_splits(batch, suffix, splits, used):
     for plan, expect in ((jaxinfer.plan_cascade(levels, **kw), used),
                          (jaxinfer.plan_cascade(levels, kv_splits=[splits, 1], **kw), splits)):
         assert plan.levels[0].kv_splits.shape[0] == splits
-        items = plan.fused.items
-        shared = items[(items[:, ITEM_REQUEST] >= 0) & (items[:, ITEM_SPLIT] < splits)]
-        nonempty = shared[shared[:, ITEM_SPLIT_END] > shared[:, ITEM_SPLIT_BEGIN]]
-        assert set(nonempty[:, ITEM_SPLIT]) == set(range(expect))
+        shared, nonempty = upper_items(plan)
+        assert nonempty == set(range(expect))
         for row in set(shared[:, ITEM_ROW_BEGIN]):
             slices = shared[shared[:, ITEM_ROW_BEGIN] == row]
             slices = slices[np.argsort(slices[:, ITEM_SPLIT])]
@@ -218,9 +225,7 @@ def test_one_launch_items_equal_flat_attention(causal, used, monkeypatch):
                         [[70], [33, 0], [4, 9, 2, 20, 7]], group=4, head_dim=64, one_pool=True)
     fused = case["plan"].fused
     if used is not None:
-        static = case["plan"].levels[0].kv_splits.shape[0]
-        upper = fused.items[(fused.items[:, ITEM_REQUEST] >= 0) & (fused.items[:, ITEM_SPLIT] < static)]
-        assert set(upper[upper[:, ITEM_SPLIT_END] > upper[:, ITEM_SPLIT_BEGIN], ITEM_SPLIT]) <= {0, 1, 2}
+        assert upper_items(case["plan"])[1] <= {0, 1, 2}
     got = run_items(case["q"], case["caches"][0], fused.kv_indices, fused.items,
                     fused.kv_splits.shape[0], 4, causal)
     assert_close(got, flat_reference(case, causal), case["q"].dtype)
